@@ -1,0 +1,1 @@
+"""netplane.cni"""

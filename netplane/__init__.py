@@ -1,0 +1,1 @@
+"""netplane: a Kubernetes-style networking data plane with a minimal control plane."""

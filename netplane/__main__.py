@@ -1,0 +1,5 @@
+import sys
+
+from netplane.cli import main
+
+sys.exit(main())
