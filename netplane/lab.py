@@ -17,6 +17,7 @@ import asyncio
 import ipaddress
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -294,7 +295,7 @@ def down() -> int:
             os.killpg(pid, signal.SIGTERM)
         except (ProcessLookupError, PermissionError):
             pass
-    names = netns.list_named()
+    names = [n for n in netns.list_named() if is_lab_name(n)]
     for name in names:
         netns.kill_processes(name)
     for name in names:
@@ -303,8 +304,14 @@ def down() -> int:
     for link in _our_links():
         netns.run(["ip", "link", "delete", link], check=False)
         removed.append(f"link {link}")
+    # A veth goes away with its peer's namespace, but the kernel does it asynchronously.
+    try:
+        wait_until(lambda: not _our_links(), 5, "the lab's links to disappear", interval=0.05)
+    except TimeoutError as err:
+        say(f"warning: {err}")
     for path in Path("/etc/netns").glob("np-*") if Path("/etc/netns").exists() else []:
-        shutil.rmtree(path, ignore_errors=True)
+        if is_lab_name(path.name):
+            shutil.rmtree(path, ignore_errors=True)
     if LAB_DIR.exists():
         shutil.rmtree(LAB_DIR, ignore_errors=True)
         removed.append(f"dir {LAB_DIR}")
@@ -320,12 +327,15 @@ def _recorded_pids() -> list[tuple[int, str]]:
     return [(int(pid), name) for pid, name in (line.split(" ", 1) for line in lines if line)]
 
 
+def is_lab_name(name: str) -> bool:
+    """The lab's marker: namespaces np-control-plane, np-worker-N, np-pod-*; links np-br0, np-uN.
+
+    Narrower than the bare `np-` prefix, so `lab down` never touches a test's own namespaces."""
+    return bool(re.fullmatch(r"np-(control-plane|worker-\d+|pod-[0-9a-z-]+|br0|u\d+)", name))
+
+
 def _our_links() -> list[str]:
-    links = []
-    for name in sorted(os.listdir("/sys/class/net")):
-        if name.startswith(netns.MARKER):
-            links.append(name)
-    return links
+    return [name for name in sorted(os.listdir("/sys/class/net")) if is_lab_name(name)]
 
 
 def exec_in(target: str, namespace: str, command: list[str]) -> int:
