@@ -1,0 +1,466 @@
+"""The controller manager: Deployments -> ReplicaSets -> Pods, EndpointSlices, node pod CIDRs, GC.
+
+Each controller is a pure function from the cached objects to a list of Actions; one level-triggered
+loop recomputes them all after any change (coalesced) and applies the actions. Nothing runs before
+every watch cache has synced.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import ipaddress
+import json
+import logging
+import secrets
+import string
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+from netplane.objects import key_of, labels_of, matches_label_selector, matches_labels, pod_is_ready
+
+log = logging.getLogger("controller-manager")
+
+MANAGED_BY = "endpointslice.kubernetes.io/managed-by"
+SLICE_MANAGER = "endpointslice-controller.netplane.io"
+SERVICE_NAME_LABEL = "kubernetes.io/service-name"
+HEARTBEAT_GRACE_S = 20.0
+
+
+@dataclass(frozen=True)
+class Action:
+    """create obj | patch kind/ns/name with a merge patch (optionally on a subresource) | delete."""
+    verb: str
+    kind: str
+    namespace: str = ""
+    name: str = ""
+    body: dict = field(default_factory=dict, hash=False, compare=True)
+    subresource: str | None = None
+
+    def describe(self) -> str:
+        return f"{self.verb} {self.kind} {self.namespace + '/' if self.namespace else ''}{self.name}"
+
+
+def create(obj: dict) -> Action:
+    meta = obj["metadata"]
+    return Action("create", obj["kind"], meta.get("namespace", ""), meta["name"], obj)
+
+
+def patch(kind: str, obj: dict, body: dict, subresource: str | None = None) -> Action:
+    namespace, name = key_of(obj)
+    return Action("patch", kind, namespace, name, body, subresource)
+
+
+def delete(kind: str, obj: dict) -> Action:
+    namespace, name = key_of(obj)
+    return Action("delete", kind, namespace, name)
+
+
+def short_hash(value, length: int = 10) -> str:
+    """A stable short lowercase hash of a JSON-able value (names derived from content)."""
+    digest = hashlib.sha256(json.dumps(value, sort_keys=True).encode()).digest()
+    alphabet = string.digits + string.ascii_lowercase
+    number = int.from_bytes(digest[:8], "big")
+    out = []
+    for _ in range(length):
+        number, rest = divmod(number, len(alphabet))
+        out.append(alphabet[rest])
+    return "".join(out)
+
+
+def owner_reference(owner: dict) -> dict:
+    return {"apiVersion": owner["apiVersion"], "kind": owner["kind"], "name": owner["metadata"]["name"],
+            "uid": owner["metadata"]["uid"], "controller": True, "blockOwnerDeletion": True}
+
+
+def controlled_by(obj: dict, owner: dict) -> bool:
+    uid = owner["metadata"].get("uid")
+    return any(ref.get("uid") == uid and ref.get("controller")
+               for ref in obj["metadata"].get("ownerReferences") or [])
+
+
+def is_terminating(obj: dict) -> bool:
+    return bool(obj["metadata"].get("deletionTimestamp"))
+
+
+# --------------------------------------------------------------------------------------------
+# Deployments
+
+
+def replicaset_for(deploy: dict) -> dict:
+    """The ReplicaSet a Deployment's current pod template calls for."""
+    template = deploy["spec"]["template"]
+    template_hash = short_hash(template)
+    labels = {**(template.get("metadata", {}).get("labels") or {}), "pod-template-hash": template_hash}
+    selector = dict(deploy["spec"]["selector"])
+    selector["matchLabels"] = {**(selector.get("matchLabels") or {}), "pod-template-hash": template_hash}
+    meta = deploy["metadata"]
+    return {
+        "apiVersion": "apps/v1", "kind": "ReplicaSet",
+        "metadata": {"name": f"{meta['name']}-{template_hash}", "namespace": meta["namespace"],
+                     "labels": labels, "ownerReferences": [owner_reference(deploy)]},
+        "spec": {"replicas": deploy["spec"].get("replicas", 1), "selector": selector,
+                 "template": {**template, "metadata": {**template.get("metadata", {}), "labels": labels}}},
+    }
+
+
+def reconcile_deployment(deploy: dict, replicasets: list[dict]) -> list[Action]:
+    if is_terminating(deploy):
+        return []
+    wanted = replicaset_for(deploy)
+    owned = [rs for rs in replicasets if controlled_by(rs, deploy)]
+    current = next((rs for rs in owned if rs["metadata"]["name"] == wanted["metadata"]["name"]), None)
+    replicas = deploy["spec"].get("replicas", 1)
+    actions: list[Action] = []
+    if current is None:
+        actions.append(create(wanted))
+    elif current["spec"].get("replicas") != replicas:
+        actions.append(patch("ReplicaSet", current, {"spec": {"replicas": replicas}}))
+    for old in owned:
+        if old is not current and old["spec"].get("replicas", 0) != 0:
+            actions.append(patch("ReplicaSet", old, {"spec": {"replicas": 0}}))
+    status = {
+        "observedGeneration": deploy["metadata"].get("generation", 1),
+        "replicas": sum(rs.get("status", {}).get("replicas", 0) for rs in owned),
+        "readyReplicas": sum(rs.get("status", {}).get("readyReplicas", 0) for rs in owned),
+        "availableReplicas": sum(rs.get("status", {}).get("readyReplicas", 0) for rs in owned),
+        "updatedReplicas": (current or {}).get("status", {}).get("replicas", 0),
+    }
+    if _differs(deploy.get("status") or {}, status):
+        actions.append(patch("Deployment", deploy, {"status": status}, "status"))
+    return actions
+
+
+def _differs(have: dict, want: dict) -> bool:
+    return any(have.get(k, 0) != v for k, v in want.items())
+
+
+# --------------------------------------------------------------------------------------------
+# ReplicaSets
+
+
+def new_pod(rs: dict, suffix: str) -> dict:
+    template = rs["spec"]["template"]
+    meta = rs["metadata"]
+    return {
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": f"{meta['name']}-{suffix}", "namespace": meta["namespace"],
+                     "labels": dict(template.get("metadata", {}).get("labels") or {}),
+                     "annotations": dict(template.get("metadata", {}).get("annotations") or {}),
+                     "ownerReferences": [owner_reference(rs)]},
+        "spec": json.loads(json.dumps(template.get("spec", {}))),
+    }
+
+
+def scale_down_order(pod: dict) -> tuple:
+    """Pods to delete first: unscheduled, then not ready, then the newest."""
+    created = pod["metadata"].get("creationTimestamp", "")
+    return (bool(pod["spec"].get("nodeName")), pod_is_ready(pod), _negated(created))
+
+
+def _negated(timestamp: str) -> tuple:
+    return tuple(-ord(c) for c in timestamp)
+
+
+def reconcile_replicaset(rs: dict, pods: list[dict], new_suffix=None) -> list[Action]:
+    if is_terminating(rs):
+        return []
+    new_suffix = new_suffix or random_suffix
+    owned = [p for p in pods if controlled_by(p, rs) and not is_terminating(p)
+             and p.get("status", {}).get("phase") not in ("Succeeded", "Failed")]
+    diff = rs["spec"].get("replicas", 1) - len(owned)
+    actions: list[Action] = []
+    if diff > 0:
+        actions += [create(new_pod(rs, new_suffix())) for _ in range(diff)]
+    elif diff < 0:
+        actions += [delete("Pod", p) for p in sorted(owned, key=scale_down_order)[:-diff]]
+    status = {"replicas": len(owned), "readyReplicas": sum(1 for p in owned if pod_is_ready(p)),
+              "observedGeneration": rs["metadata"].get("generation", 1)}
+    if _differs(rs.get("status") or {}, status):
+        actions.append(patch("ReplicaSet", rs, {"status": status}, "status"))
+    return actions
+
+
+def random_suffix() -> str:
+    alphabet = "bcdfghjklmnpqrstvwxz2456789"  # as Kubernetes: no vowels, no look-alikes
+    return "".join(secrets.choice(alphabet) for _ in range(5))
+
+
+# --------------------------------------------------------------------------------------------
+# EndpointSlices
+
+
+def resolve_target_port(service_port: dict, pod: dict) -> int | None:
+    target = service_port.get("targetPort", service_port.get("port"))
+    if isinstance(target, int):
+        return target
+    if isinstance(target, str) and target.isdigit():
+        return int(target)
+    for container in pod["spec"].get("containers") or []:
+        for port in container.get("ports") or []:
+            if port.get("name") == target and port.get("protocol", "TCP") == service_port.get("protocol", "TCP"):
+                return port.get("containerPort")
+    return None
+
+
+def endpoint_slices_for(service: dict, pods: list[dict]) -> list[dict]:
+    """The EndpointSlices a Service calls for: one per distinct set of resolved ports."""
+    spec = service.get("spec", {})
+    if spec.get("type") == "ExternalName" or not spec.get("selector"):
+        return []
+    groups: dict[tuple, list[dict]] = {}
+    for pod in sorted(pods, key=lambda p: p["metadata"]["name"]):
+        if (pod["metadata"].get("namespace") != service["metadata"]["namespace"]
+                or not matches_labels(spec["selector"], labels_of(pod))
+                or not pod.get("status", {}).get("podIP") or is_terminating(pod)
+                or pod.get("status", {}).get("phase") in ("Succeeded", "Failed")):
+            continue
+        ports = []
+        for sp in spec.get("ports") or []:
+            number = resolve_target_port(sp, pod)
+            if number is not None:
+                ports.append((sp.get("name", ""), number, sp.get("protocol", "TCP")))
+        groups.setdefault(tuple(ports), []).append(pod)
+    if not groups:
+        groups[()] = []
+    return [_slice(service, ports, members) for ports, members in sorted(groups.items())]
+
+
+def _slice(service: dict, ports: tuple, pods: list[dict]) -> dict:
+    meta = service["metadata"]
+    ready = [pod_is_ready(p) for p in pods]
+    return {
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": f"{meta['name']}-{short_hash([meta.get('uid'), list(ports)], 5)}",
+                     "namespace": meta["namespace"],
+                     "labels": {SERVICE_NAME_LABEL: meta["name"], MANAGED_BY: SLICE_MANAGER},
+                     "ownerReferences": [owner_reference(service)]},
+        "addressType": "IPv4",
+        "endpoints": [
+            {"addresses": [p["status"]["podIP"]],
+             "conditions": {"ready": r, "serving": r, "terminating": False},
+             "nodeName": p["spec"].get("nodeName"),
+             "targetRef": {"kind": "Pod", "namespace": p["metadata"]["namespace"],
+                           "name": p["metadata"]["name"], "uid": p["metadata"].get("uid")}}
+            for p, r in zip(pods, ready)],
+        "ports": [{"name": name, "port": port, "protocol": proto} for name, port, proto in ports],
+    }
+
+
+def reconcile_endpoint_slices(services: list[dict], pods: list[dict], slices: list[dict]) -> list[Action]:
+    ours = {key_of(s): s for s in slices if labels_of(s).get(MANAGED_BY) == SLICE_MANAGER}
+    actions: list[Action] = []
+    wanted_keys = set()
+    for service in services:
+        for want in endpoint_slices_for(service, pods):
+            wanted_keys.add(key_of(want))
+            have = ours.get(key_of(want))
+            if have is None:
+                actions.append(create(want))
+            elif any(have.get(f) != want[f] for f in ("endpoints", "ports", "addressType")):
+                actions.append(patch("EndpointSlice", have, {"endpoints": want["endpoints"],
+                                                             "ports": want["ports"]}))
+    actions += [delete("EndpointSlice", s) for k, s in sorted(ours.items()) if k not in wanted_keys]
+    return actions
+
+
+# --------------------------------------------------------------------------------------------
+# Nodes: pod CIDRs and heartbeats
+
+
+def allocate_pod_cidrs(nodes: list[dict], cluster_cidr: str, mask: int) -> list[Action]:
+    network = ipaddress.ip_network(cluster_cidr)
+    used = {n["spec"].get("podCIDR") for n in nodes if n.get("spec", {}).get("podCIDR")}
+    free = (str(s) for s in network.subnets(new_prefix=mask) if str(s) not in used)
+    actions = []
+    for node in sorted(nodes, key=lambda n: n["metadata"].get("creationTimestamp", "") + n["metadata"]["name"]):
+        if node.get("spec", {}).get("podCIDR"):
+            continue
+        cidr = next(free, None)
+        if cidr is None:
+            log.error("no free pod CIDR left in %s for node %s", cluster_cidr, node["metadata"]["name"])
+            break
+        actions.append(patch("Node", node, {"spec": {"podCIDR": cidr, "podCIDRs": [cidr]}}))
+    return actions
+
+
+def stale_nodes(nodes: list[dict], now: float) -> list[Action]:
+    actions = []
+    for node in nodes:
+        conditions = node.get("status", {}).get("conditions") or []
+        ready = next((c for c in conditions if c.get("type") == "Ready"), None)
+        if not ready or ready.get("status") != "True":
+            continue
+        beat = _parse_time(ready.get("lastHeartbeatTime"))
+        if beat is not None and now - beat > HEARTBEAT_GRACE_S:
+            unknown = {**ready, "status": "Unknown", "reason": "NodeStatusUnknown",
+                       "message": "the node agent stopped posting status"}
+            rest = [c for c in conditions if c.get("type") != "Ready"]
+            actions.append(patch("Node", node, {"status": {"conditions": rest + [unknown]}}, "status"))
+    return actions
+
+
+def _parse_time(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return datetime.strptime(value, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc).timestamp()
+    except ValueError:
+        return None
+
+
+# --------------------------------------------------------------------------------------------
+# Garbage collection
+
+
+def orphans(objects: dict[str, list[dict]], owner_kinds=("Deployment", "ReplicaSet", "Service")) -> list[Action]:
+    """Objects whose every owner reference points at an owner that no longer exists."""
+    alive = {o["metadata"].get("uid") for kind in owner_kinds for o in objects.get(kind, [])}
+    actions = []
+    for kind in ("ReplicaSet", "Pod", "EndpointSlice"):
+        for obj in objects.get(kind, []):
+            refs = [r for r in obj["metadata"].get("ownerReferences") or [] if r.get("kind") in owner_kinds]
+            if refs and not any(r.get("uid") in alive for r in refs):
+                actions.append(delete(kind, obj))
+    return actions
+
+
+# --------------------------------------------------------------------------------------------
+# All controllers, one pass
+
+
+@dataclass
+class Settings:
+    cluster_cidr: str = "10.244.0.0/16"
+    node_cidr_mask: int = 24
+
+
+def desired_actions(objects: dict[str, list[dict]], settings: Settings, now: float) -> list[Action]:
+    """Every controller over the current objects."""
+    actions: list[Action] = []
+    for deploy in objects["Deployment"]:
+        actions += reconcile_deployment(deploy, objects["ReplicaSet"])
+    for rs in objects["ReplicaSet"]:
+        actions += reconcile_replicaset(rs, objects["Pod"])
+    actions += reconcile_endpoint_slices(objects["Service"], objects["Pod"], objects["EndpointSlice"])
+    actions += allocate_pod_cidrs(objects["Node"], settings.cluster_cidr, settings.node_cidr_mask)
+    actions += stale_nodes(objects["Node"], now)
+    actions += orphans(objects)
+    return actions
+
+
+class Expectations:
+    """Pods this process created or deleted that the watch has not shown yet, per ReplicaSet.
+
+    Without it, a second pass before the watch catches up would create (or delete) pods twice.
+    """
+
+    def __init__(self, ttl: float = 15.0):
+        self.ttl = ttl
+        self.pending: dict[str, tuple[set, set, float]] = {}
+
+    def expect(self, owner_uid: str, adds: set, deletes: set, now: float) -> None:
+        self.pending[owner_uid] = (adds, deletes, now + self.ttl)
+
+    def satisfied(self, owner_uid: str, present: set, now: float) -> bool:
+        entry = self.pending.get(owner_uid)
+        if entry is None:
+            return True
+        adds, deletes, deadline = entry
+        if (adds <= present and not (deletes & present)) or now > deadline:
+            del self.pending[owner_uid]
+            return True
+        return False
+
+
+KINDS = ("Deployment", "ReplicaSet", "Pod", "Service", "EndpointSlice", "Node")
+
+
+class ControllerManager:
+    def __init__(self, client, view, settings: Settings):
+        self.client = client
+        self.view = view
+        self.settings = settings
+        self.expectations = Expectations()
+
+    def snapshot(self) -> dict[str, list[dict]]:
+        return {kind: self.view.list(kind) for kind in KINDS}
+
+    def settled_replicasets(self, objects: dict[str, list[dict]], now: float) -> dict[str, list[dict]]:
+        """Leave out ReplicaSets whose earlier pod creations/deletions are not visible yet."""
+        pods_by_owner: dict[str, set] = {}
+        for pod in objects["Pod"]:
+            for ref in pod["metadata"].get("ownerReferences") or []:
+                pods_by_owner.setdefault(ref.get("uid"), set()).add(pod["metadata"]["name"])
+        settled = [rs for rs in objects["ReplicaSet"]
+                   if self.expectations.satisfied(rs["metadata"]["uid"],
+                                                  pods_by_owner.get(rs["metadata"]["uid"], set()), now)]
+        return {**objects, "ReplicaSet": settled}
+
+    async def sync(self) -> None:
+        if not self.view.is_synced():
+            return
+        now = time.time()
+        objects = self.settled_replicasets(self.snapshot(), now)
+        actions = desired_actions(objects, self.settings, now)
+        self.record_expectations(actions, objects, now)
+        for action in actions:
+            await self.apply(action)
+
+    def record_expectations(self, actions: list[Action], objects, now: float) -> None:
+        by_owner: dict[str, tuple[set, set]] = {}
+        for action in actions:
+            if action.kind != "Pod" or action.verb not in ("create", "delete"):
+                continue
+            source = action.body if action.verb == "create" else next(
+                (p for p in objects["Pod"] if key_of(p) == (action.namespace, action.name)), None)
+            for ref in (source or {}).get("metadata", {}).get("ownerReferences") or []:
+                adds, deletes = by_owner.setdefault(ref["uid"], (set(), set()))
+                (adds if action.verb == "create" else deletes).add(action.name)
+        for uid, (adds, deletes) in by_owner.items():
+            self.expectations.expect(uid, adds, deletes, now)
+
+    async def apply(self, action: Action) -> None:
+        from netplane.client import APIError
+        try:
+            if action.verb == "create":
+                await self.client.create(action.body)
+            elif action.verb == "patch":
+                await self.client.patch(action.kind, action.name, action.body, action.namespace or None,
+                                        action.subresource)
+            elif action.verb == "delete":
+                await self.client.delete(action.kind, action.name, action.namespace or None)
+            log.info(action.describe())
+        except APIError as err:
+            if not (action.verb == "create" and err.status == 409) and err.status != 404:
+                log.warning("%s failed: %s", action.describe(), err)
+
+
+def main(argv: list[str]) -> int:
+    from netplane import daemon
+    from netplane.client import Client, CoalescingRunner, WatchView, resolve_server
+
+    parser = argparse.ArgumentParser(prog="netplane controller-manager")
+    parser.add_argument("--server")
+    parser.add_argument("--cluster-cidr", default="10.244.0.0/16")
+    parser.add_argument("--node-cidr-mask-size", type=int, default=24)
+    parser.add_argument("--health-listen")
+    args = parser.parse_args(argv)
+    daemon.setup_logging("controller-manager")
+    settings = Settings(args.cluster_cidr, args.node_cidr_mask_size)
+
+    async def run(stop: asyncio.Event) -> None:
+        client = Client(resolve_server(args.server))
+        view = WatchView(client, KINDS)
+        manager = ControllerManager(client, view, settings)
+        runner = CoalescingRunner(manager.sync, min_interval=0.05, periodic=5.0)
+        view.add_listener(runner.request)
+        await view.start()
+        try:
+            await runner.run(stop)
+        finally:
+            await view.stop()
+            await client.close()
+
+    return daemon.run(run, "controller-manager", args.health_listen)

@@ -1,0 +1,179 @@
+"""The controllers' pure functions: objects in, actions out."""
+from netplane import controllers as c
+
+
+def deployment(replicas=3, image="netplane/echo:v1", uid="d-uid"):
+    return {"apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": {"name": "echo", "namespace": "default", "uid": uid, "generation": 1},
+            "spec": {"replicas": replicas, "selector": {"matchLabels": {"app": "echo"}},
+                     "template": {"metadata": {"labels": {"app": "echo"}},
+                                  "spec": {"containers": [{"name": "echo", "image": image,
+                                                           "ports": [{"name": "http", "containerPort": 8080}]}]}}}}
+
+
+def stored(obj, uid, **status):
+    """What the API server returns: the object with a uid (and optional status)."""
+    out = {**obj, "metadata": {**obj["metadata"], "uid": uid}}
+    if status:
+        out["status"] = status
+    return out
+
+
+def pod(name, ip=None, ready=True, node="worker-1", owner=None, labels=None, created="2026-01-01T00:00:00Z",
+        ports=None):
+    p = {"apiVersion": "v1", "kind": "Pod",
+         "metadata": {"name": name, "namespace": "default", "uid": f"uid-{name}", "creationTimestamp": created,
+                      "labels": labels if labels is not None else {"app": "echo"},
+                      "ownerReferences": [c.owner_reference(owner)] if owner else []},
+         "spec": {"nodeName": node, "containers": [{"name": "echo", "image": "x",
+                                                   "ports": ports if ports is not None else
+                                                   [{"name": "http", "containerPort": 8080}]}]},
+         "status": {"phase": "Running"}}
+    if ip:
+        p["status"]["podIP"] = ip
+    p["status"]["conditions"] = [{"type": "Ready", "status": "True" if ready else "False"}]
+    return p
+
+
+def service(ports=None, selector=None, uid="s-uid"):
+    return {"apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": "echo", "namespace": "default", "uid": uid},
+            "spec": {"selector": selector if selector is not None else {"app": "echo"},
+                     "ports": ports or [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"}]}}
+
+
+def test_replicaset_name_is_a_stable_hash_of_the_template():
+    a, b = c.replicaset_for(deployment()), c.replicaset_for(deployment())
+    assert a["metadata"]["name"] == b["metadata"]["name"]
+    assert a["metadata"]["name"].startswith("echo-")
+    other = c.replicaset_for(deployment(image="netplane/echo:v2"))
+    assert other["metadata"]["name"] != a["metadata"]["name"]
+    template_hash = a["metadata"]["labels"]["pod-template-hash"]
+    assert a["spec"]["selector"]["matchLabels"] == {"app": "echo", "pod-template-hash": template_hash}
+    assert a["spec"]["template"]["metadata"]["labels"]["pod-template-hash"] == template_hash
+    assert a["metadata"]["ownerReferences"][0]["uid"] == "d-uid"
+
+
+def test_deployment_creates_then_scales_its_replicaset_and_zeroes_old_ones():
+    d = deployment(replicas=3)
+    [action] = [a for a in c.reconcile_deployment(d, []) if a.kind == "ReplicaSet"]
+    assert action.verb == "create" and action.body["spec"]["replicas"] == 3
+    current = stored(action.body, "rs-uid")
+    assert [a for a in c.reconcile_deployment(d, [current]) if a.kind == "ReplicaSet"] == []
+    scaled = c.reconcile_deployment(deployment(replicas=5), [current])
+    assert [(a.verb, a.name, a.body) for a in scaled if a.kind == "ReplicaSet"] == [
+        ("patch", current["metadata"]["name"], {"spec": {"replicas": 5}})]
+    new_template = deployment(image="netplane/echo:v2")
+    rollout = c.reconcile_deployment(new_template, [current])
+    assert ("patch", current["metadata"]["name"], {"spec": {"replicas": 0}}) in [
+        (a.verb, a.name, a.body) for a in rollout]
+    assert any(a.verb == "create" and a.kind == "ReplicaSet" for a in rollout)
+
+
+def test_replicaset_creates_missing_pods_and_deletes_extra_ones_in_kubernetes_order():
+    rs = stored(c.replicaset_for(deployment(replicas=2)), "rs-uid")
+    suffixes = iter("abcde")
+    actions = c.reconcile_replicaset(rs, [], new_suffix=lambda: next(suffixes))
+    created = [a.body for a in actions if a.verb == "create"]
+    assert [p["metadata"]["name"] for p in created] == [f"{rs['metadata']['name']}-a", f"{rs['metadata']['name']}-b"]
+    assert created[0]["metadata"]["ownerReferences"][0]["uid"] == "rs-uid"
+    assert created[0]["metadata"]["labels"]["app"] == "echo"
+    rs1 = {**rs, "spec": {**rs["spec"], "replicas": 1}}
+    old_ready = pod("old", "10.0.0.1", owner=rs, created="2026-01-01T00:00:00Z")
+    new_ready = pod("new", "10.0.0.2", owner=rs, created="2026-01-02T00:00:00Z")
+    unready = pod("unready", "10.0.0.3", ready=False, owner=rs, created="2026-01-01T00:00:00Z")
+    unscheduled = pod("pending", owner=rs, node=None)
+    deletes = lambda pods: [a.name for a in c.reconcile_replicaset(rs1, pods) if a.verb == "delete"]
+    assert deletes([old_ready, new_ready]) == ["new"]
+    assert deletes([old_ready, unready]) == ["unready"]
+    assert deletes([old_ready, unscheduled]) == ["pending"]
+    assert deletes([pod("stranger", "10.0.0.9")]) == []  # not ours: ignored
+
+
+def test_endpoint_slice_from_ready_and_unready_pods_with_named_target_port():
+    svc = service()
+    pods = [pod("a", "10.244.1.2"), pod("b", "10.244.2.2", ready=False, node="worker-2"),
+            pod("c"),  # no IP yet: left out
+            pod("d", "10.244.1.9", labels={"app": "other"})]
+    [slice_] = c.endpoint_slices_for(svc, pods)
+    assert slice_["metadata"]["labels"] == {c.SERVICE_NAME_LABEL: "echo", c.MANAGED_BY: c.SLICE_MANAGER}
+    assert slice_["ports"] == [{"name": "http", "port": 8080, "protocol": "TCP"}]
+    assert [(e["addresses"], e["conditions"]["ready"], e["nodeName"]) for e in slice_["endpoints"]] == [
+        (["10.244.1.2"], True, "worker-1"), (["10.244.2.2"], False, "worker-2")]
+    assert slice_["endpoints"][0]["targetRef"] == {"kind": "Pod", "namespace": "default", "name": "a",
+                                                  "uid": "uid-a"}
+
+
+def test_endpoint_slices_group_pods_by_resolved_ports_and_multiple_ports():
+    svc = service(ports=[{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"},
+                         {"name": "dns", "port": 53, "targetPort": 5353, "protocol": "UDP"}])
+    pods = [pod("a", "10.0.0.1"), pod("b", "10.0.0.2", ports=[{"name": "http", "containerPort": 9090}]),
+            pod("c", "10.0.0.3", ports=[])]
+    slices = c.endpoint_slices_for(svc, pods)
+    by_ports = {tuple((p["name"], p["port"]) for p in s["ports"]): [e["addresses"][0] for e in s["endpoints"]]
+                for s in slices}
+    assert by_ports == {(("dns", 5353),): ["10.0.0.3"],
+                        (("http", 8080), ("dns", 5353)): ["10.0.0.1"],
+                        (("http", 9090), ("dns", 5353)): ["10.0.0.2"]}
+
+
+def test_endpoint_slices_do_not_churn_and_follow_service_lifecycle():
+    svc = service()
+    pods = [pod("a", "10.244.1.2")]
+    [create] = c.reconcile_endpoint_slices([svc], pods, [])
+    assert create.verb == "create"
+    existing = stored(create.body, "slice-uid")
+    assert c.reconcile_endpoint_slices([svc], pods, [existing]) == []
+    [update] = c.reconcile_endpoint_slices([svc], pods + [pod("b", "10.244.1.3")], [existing])
+    assert update.verb == "patch" and len(update.body["endpoints"]) == 2
+    assert [a.verb for a in c.reconcile_endpoint_slices([], pods, [existing])] == ["delete"]
+    foreign = {**existing, "metadata": {**existing["metadata"], "labels": {c.SERVICE_NAME_LABEL: "kubernetes"}}}
+    assert c.reconcile_endpoint_slices([], pods, [foreign]) == []
+    assert c.endpoint_slices_for(service(selector={}), pods) == []
+
+
+def test_empty_service_still_gets_an_empty_slice():
+    [slice_] = c.endpoint_slices_for(service(), [])
+    assert slice_["endpoints"] == [] and slice_["ports"] == []
+
+
+def test_pod_cidrs_are_allocated_once_and_skip_used_ones():
+    nodes = [{"metadata": {"name": "a", "creationTimestamp": "1"}, "spec": {"podCIDR": "10.244.0.0/24"}},
+             {"metadata": {"name": "b", "creationTimestamp": "2"}, "spec": {}},
+             {"metadata": {"name": "c", "creationTimestamp": "3"}}]
+    actions = c.allocate_pod_cidrs(nodes, "10.244.0.0/16", 24)
+    assert [(a.name, a.body["spec"]["podCIDR"]) for a in actions] == [("b", "10.244.1.0/24"), ("c", "10.244.2.0/24")]
+    assert actions[0].body["spec"]["podCIDRs"] == ["10.244.1.0/24"]
+    full = [{"metadata": {"name": "x"}, "spec": {}}] * 2
+    assert len(c.allocate_pod_cidrs(full, "10.0.0.0/24", 24)) == 1
+
+
+def test_orphans_are_collected_when_their_owner_is_gone():
+    d = deployment()
+    rs = stored(c.replicaset_for(d), "rs-uid")
+    p = pod("p", owner=rs)
+    free = pod("free")
+    assert c.orphans({"Deployment": [d], "ReplicaSet": [rs], "Pod": [p, free]}) == []
+    assert [(a.kind, a.name) for a in c.orphans({"Deployment": [], "ReplicaSet": [rs], "Pod": [p, free]})] == [
+        ("ReplicaSet", rs["metadata"]["name"])]
+    assert [(a.kind, a.name) for a in c.orphans({"ReplicaSet": [], "Pod": [p]})] == [("Pod", "p")]
+
+
+def test_stale_node_becomes_unknown():
+    node = {"metadata": {"name": "n"}, "status": {"conditions": [
+        {"type": "Ready", "status": "True", "lastHeartbeatTime": "2026-01-01T00:00:00Z"}]}}
+    start = c._parse_time("2026-01-01T00:00:00Z")
+    assert c.stale_nodes([node], start + 5) == []
+    [action] = c.stale_nodes([node], start + 60)
+    assert action.subresource == "status"
+    assert action.body["status"]["conditions"][0]["status"] == "Unknown"
+
+
+def test_expectations_hold_a_replicaset_until_the_watch_shows_its_pods():
+    exp = c.Expectations(ttl=10)
+    exp.expect("rs", {"p1", "p2"}, {"p0"}, now=0)
+    assert not exp.satisfied("rs", {"p0", "p1", "p2"}, now=1)
+    assert not exp.satisfied("rs", {"p1"}, now=1)
+    assert exp.satisfied("rs", {"p1", "p2"}, now=1)
+    exp.expect("rs", {"p3"}, set(), now=0)
+    assert exp.satisfied("rs", set(), now=11)  # expired
