@@ -1,0 +1,148 @@
+"""The thin shell: hand rendered rules to the kernel in one transaction, remember what was applied.
+
+A backend turns a Model into one transaction (the whole table on the first sync or after a
+failure, only what changed afterwards), applies it with one command, and only then records
+it as applied: a failed apply leaves the kernel's old rules in place (the transaction is
+atomic) and makes the next sync a full one.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from netplane import netns
+from netplane.proxy import iptables, nft
+from netplane.proxy.model import Model
+
+ERROR_CHARS = 2000  # a failed 10,000-Service transaction can print megabytes; keep the start
+
+
+class ApplyError(RuntimeError):
+    pass
+
+
+@dataclass
+class SyncResult:
+    full: bool
+    services: int  # Service ports programmed
+    chains: int
+    rules: int
+    bytes: int
+
+
+def run_with_input(argv: list[str], text: str, namespace: str | None = None) -> None:
+    try:
+        netns.run(argv, netns=namespace, input=text, timeout=300)
+    except netns.CommandError as err:
+        output = (err.stderr or err.stdout).strip()
+        if len(output) > ERROR_CHARS:
+            output = output[:ERROR_CHARS] + f"... ({len(output)} chars)"
+        raise ApplyError(f"{' '.join(argv)} failed (exit {err.returncode}): {output}") from None
+
+
+class NftBackend:
+    name = "nftables"
+
+    def __init__(self, namespace: str | None = None):
+        self.namespace = namespace
+        self.applied: list[nft.Table] | None = None
+
+    def plan(self, model: Model, force_full: bool = False) -> tuple[str, list[nft.Table], bool]:
+        """(transaction text, the tables it produces, whether it is a full sync). Pure."""
+        tables = nft.render_tables(model)
+        if not force_full and self.applied is not None and len(self.applied) == len(tables):
+            deltas = [nft.delta_transaction(old, new) for old, new in zip(self.applied, tables)]
+            if all(d is not None for d in deltas):
+                return "".join(deltas), tables, False
+        return "\n".join(nft.full_transaction(t) for t in tables), tables, True
+
+    def sync(self, model: Model, force_full: bool = False) -> SyncResult:
+        text, tables, full = self.plan(model, force_full)
+        if text.strip():
+            try:
+                run_with_input(["nft", "-f", "-"], text, self.namespace)
+            except ApplyError:
+                self.applied = None  # we no longer know exactly what is in the kernel
+                raise
+        self.applied = tables
+        return SyncResult(full, len(model.ports), sum(t.chain_count() for t in tables),
+                          sum(t.rule_count() for t in tables), len(text))
+
+    def cleanup(self) -> None:
+        run_with_input(["nft", "-f", "-"], nft.cleanup_transaction(), self.namespace)
+        self.applied = None
+
+
+class IptablesBackend:
+    name = "iptables"
+
+    def __init__(self, namespace: str | None = None, command: str = "iptables"):
+        self.namespace = namespace
+        self.command = command  # "iptables", "iptables-legacy" or "iptables-nft"
+        self.applied: dict[int, iptables.Ruleset] | None = None
+
+    def _restore(self, family: int) -> str:
+        base = self.command.replace("iptables", "ip6tables") if family == 6 else self.command
+        return f"{base}-restore"
+
+    def _save(self, family: int) -> str:
+        base = self.command.replace("iptables", "ip6tables") if family == 6 else self.command
+        return f"{base}-save"
+
+    def plan(self, model: Model, force_full: bool = False, saved: dict[int, str] | None = None):
+        """({family: restore text}, {family: Ruleset}, full?). Pure; `saved` is iptables-save
+        output per family, used by a full sync to delete our chains left from before."""
+        rulesets = {f: iptables.render_ruleset(model, f) for f in model.node.families}
+        full = force_full or self.applied is None or set(self.applied) != set(rulesets)
+        if full:
+            texts = {f: iptables.restore_text(rs, (saved or {}).get(f, "")) for f, rs in rulesets.items()}
+        else:
+            texts = {f: iptables.delta_restore_text(self.applied[f], rs) for f, rs in rulesets.items()}
+        return texts, rulesets, full
+
+    def _saved(self, family: int) -> str:
+        return netns.run([self._save(family)], netns=self.namespace, check=False).stdout
+
+    def sync(self, model: Model, force_full: bool = False) -> SyncResult:
+        full = force_full or self.applied is None
+        saved = {}
+        if full:
+            saved = {f: self._saved(f) for f in model.node.families}
+            self._ensure_jumps(saved)
+            saved = {f: self._saved(f) for f in model.node.families}
+        texts, rulesets, full = self.plan(model, force_full=full, saved=saved)
+        try:
+            for family, text in texts.items():
+                run_with_input([self._restore(family), "-w", "5", "--noflush", "--counters"],
+                               text, self.namespace)
+        except ApplyError:
+            self.applied = None
+            raise
+        self.applied = rulesets
+        return SyncResult(full, len(model.ports), sum(r.chain_count() for r in rulesets.values()),
+                          sum(r.rule_count() for r in rulesets.values()),
+                          sum(len(t) for t in texts.values()))
+
+    def _ensure_jumps(self, saved: dict[int, str]) -> None:
+        """Create our top-level chains and the jumps to them from the built-in chains, once."""
+        for family, current in saved.items():
+            text = iptables.jump_setup_text(current)
+            if text:
+                run_with_input([self._restore(family), "-w", "5", "--noflush"], text, self.namespace)
+
+    def cleanup(self) -> None:
+        for family in (4, 6):
+            proc = netns.run([self._save(family)], netns=self.namespace, check=False)
+            if proc.returncode != 0:
+                continue  # no such family or tool: nothing of ours there
+            text = iptables.cleanup_text(proc.stdout)
+            if text:
+                run_with_input([self._restore(family), "-w", "5", "--noflush"], text, self.namespace)
+        self.applied = None
+
+
+def backend_for(name: str, namespace: str | None = None):
+    if name == "nftables":
+        return NftBackend(namespace)
+    if name in ("iptables", "iptables-legacy", "iptables-nft"):
+        return IptablesBackend(namespace, command=name)
+    raise ValueError(f"unknown backend {name!r}: nftables, iptables, iptables-legacy or iptables-nft")

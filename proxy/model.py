@@ -1,0 +1,361 @@
+"""The proxy's model: Services + EndpointSlices + node facts, converted once into frozen values.
+
+Everything a renderer needs is here and nothing else: one `ServicePort` per (Service, port,
+IP family), with its endpoints already matched by port name and protocol. Converting is where
+bad input is caught: a Service that cannot be used is skipped with an error that names the
+object and the field, so one bad object never stops the others from being programmed.
+
+Endpoint choice follows kube-proxy (pkg/proxy/topology.go CategorizeEndpoints): ready endpoints;
+when none is ready, endpoints that are serving and terminating (so a rolling update or a drain
+does not black-hole traffic); the same choice made separately for the node-local subset.
+"""
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from typing import Iterable
+
+SERVICE_NAME_LABEL = "kubernetes.io/service-name"
+SERVICE_PROXY_NAME_LABEL = "service.kubernetes.io/service-proxy-name"
+HEADLESS_LABEL = "service.kubernetes.io/headless"
+DEFAULT_AFFINITY_TIMEOUT = 10800  # seconds: kube-proxy's default for sessionAffinity ClientIP
+PROTOCOLS = {"TCP": "tcp", "UDP": "udp", "SCTP": "sctp"}
+
+
+class ModelError(ValueError):
+    """An object the proxy cannot use; the message names the object and the field."""
+
+
+@dataclass(frozen=True)
+class NodeFacts:
+    name: str
+    # Addresses that accept NodePort traffic; empty means every local address (fib daddr type local).
+    node_ips: tuple[str, ...] = ()
+    # Pod CIDRs of the whole cluster: traffic from outside them to a Service is masqueraded.
+    cluster_cidrs: tuple[str, ...] = ("10.244.0.0/16",)
+    # Optional Service CIDRs: traffic to an unallocated ClusterIP in them is dropped.
+    service_cidrs: tuple[str, ...] = ()
+
+    def cluster_cidr(self, family: int) -> str | None:
+        return next((c for c in self.cluster_cidrs if ip_family(c) == family), None)
+
+    def ips_of(self, family: int) -> tuple[str, ...]:
+        return tuple(ip for ip in self.node_ips if ip_family(ip) == family)
+
+    def service_cidrs_of(self, family: int) -> tuple[str, ...]:
+        return tuple(c for c in self.service_cidrs if ip_family(c) == family)
+
+    @property
+    def families(self) -> tuple[int, ...]:
+        """IP families we program: those of the cluster CIDRs (IPv4 when none is given)."""
+        found = sorted({ip_family(c) for c in self.cluster_cidrs})
+        return tuple(found) or (4,)
+
+
+@dataclass(frozen=True, order=True)
+class Endpoint:
+    ip: str
+    port: int
+    ready: bool = True
+    serving: bool = True
+    terminating: bool = False
+    node_name: str = ""
+
+    @property
+    def hostport(self) -> str:
+        return f"[{self.ip}]:{self.port}" if ":" in self.ip else f"{self.ip}:{self.port}"
+
+
+@dataclass(frozen=True)
+class ServicePort:
+    namespace: str
+    name: str
+    port_name: str
+    protocol: str  # "tcp" | "udp" | "sctp"
+    family: int  # 4 | 6
+    cluster_ip: str
+    port: int
+    node_port: int = 0
+    external_ips: tuple[str, ...] = ()
+    load_balancer_ips: tuple[str, ...] = ()
+    source_ranges: tuple[str, ...] = ()
+    affinity_timeout: int = 0  # seconds; 0 = no session affinity
+    external_local: bool = False  # externalTrafficPolicy Local (only when externally accessible)
+    internal_local: bool = False  # internalTrafficPolicy Local
+    health_check_node_port: int = 0
+    endpoints: tuple[Endpoint, ...] = ()
+
+    @property
+    def service_key(self) -> tuple[str, str]:
+        return self.namespace, self.name
+
+    @property
+    def display(self) -> str:
+        """kube-proxy's ServicePortName string: "ns/svc:port" (port name may be empty)."""
+        return f"{self.namespace}/{self.name}:{self.port_name}"
+
+    @property
+    def externally_accessible(self) -> bool:
+        return bool(self.node_port or self.external_ips or self.load_balancer_ips)
+
+    @property
+    def uses_cluster_endpoints(self) -> bool:
+        # Even with externalTrafficPolicy Local the cluster set is needed: pod and host
+        # traffic to an external address is short-circuited to it.
+        return not self.internal_local or self.externally_accessible
+
+    @property
+    def uses_local_endpoints(self) -> bool:
+        return self.internal_local or (self.external_local and self.externally_accessible)
+
+
+@dataclass(frozen=True)
+class EndpointChoice:
+    """The endpoints one ServicePort uses on this node (CategorizeEndpoints)."""
+    cluster: tuple[Endpoint, ...]
+    local: tuple[Endpoint, ...]
+    has_any: bool  # any usable endpoint anywhere in the cluster
+
+    @property
+    def reachable(self) -> tuple[Endpoint, ...]:
+        """Every endpoint some chain can reach: one endpoint chain each."""
+        return tuple(sorted(set(self.cluster) | set(self.local), key=endpoint_sort_key))
+
+
+@dataclass(frozen=True)
+class Model:
+    node: NodeFacts
+    ports: tuple[ServicePort, ...] = ()
+    errors: tuple[str, ...] = field(default=(), compare=False)
+
+    def ports_of(self, family: int) -> tuple[ServicePort, ...]:
+        return tuple(p for p in self.ports if p.family == family)
+
+
+def ip_family(value: str) -> int:
+    """4 or 6 for an address or a CIDR; raises ValueError when it is neither."""
+    return ipaddress.ip_network(value.strip(), strict=False).version
+
+
+def endpoint_sort_key(ep: Endpoint) -> tuple:
+    return ipaddress.ip_address(ep.ip), ep.port
+
+
+def _usable(endpoints: Iterable[Endpoint]) -> tuple[Endpoint, ...]:
+    """Ready endpoints; when there are none, serving+terminating ones (KEP-1669)."""
+    endpoints = tuple(endpoints)
+    ready = tuple(e for e in endpoints if e.ready)
+    if ready:
+        return ready
+    return tuple(e for e in endpoints if e.serving and e.terminating)
+
+
+def choose_endpoints(port: ServicePort, node_name: str) -> EndpointChoice:
+    cluster = _usable(port.endpoints) if port.uses_cluster_endpoints else ()
+    local = ()
+    if port.uses_local_endpoints:
+        local = _usable(e for e in port.endpoints if e.node_name and e.node_name == node_name)
+    has_any = bool(_usable(port.endpoints))
+    return EndpointChoice(cluster, local, has_any)
+
+
+# ---------------------------------------------------------------------------------------------
+# Conversion from wire-shaped objects
+
+
+def build_model(services: Iterable[dict], slices: Iterable[dict], node: NodeFacts) -> Model:
+    """Convert Services and EndpointSlices once. Bad Services are skipped and reported in
+    `errors` (each naming the object and field); bad endpoints are skipped the same way."""
+    errors: list[str] = []
+    endpoints_by_service = _endpoints_by_service(slices, errors)
+    ports: list[ServicePort] = []
+    for svc in services:
+        try:
+            ports.extend(_service_ports(svc, endpoints_by_service, node))
+        except ModelError as err:
+            errors.append(str(err))
+    ports.sort(key=lambda p: (p.family, p.namespace, p.name, p.port_name, p.protocol))
+    return Model(node=node, ports=tuple(ports), errors=tuple(errors))
+
+
+# (namespace, service) -> (port name, protocol, family) -> {Endpoint}
+_SliceIndex = dict[tuple[str, str], dict[tuple[str, str, int], set[Endpoint]]]
+
+
+def _endpoints_by_service(slices: Iterable[dict], errors: list[str]) -> _SliceIndex:
+    index: _SliceIndex = {}
+    for eps in slices:
+        try:
+            _index_slice(eps, index)
+        except ModelError as err:
+            errors.append(str(err))
+    return index
+
+
+def _index_slice(eps: dict, index: _SliceIndex) -> None:
+    meta = eps.get("metadata") or {}
+    where = f"EndpointSlice {meta.get('namespace', '')}/{meta.get('name', '')}"
+    service = (meta.get("labels") or {}).get(SERVICE_NAME_LABEL)
+    if not service:
+        return  # not tied to a Service: nothing for the proxy
+    address_type = eps.get("addressType", "IPv4")
+    if address_type not in ("IPv4", "IPv6"):
+        return  # FQDN slices are not proxied
+    family = 4 if address_type == "IPv4" else 6
+    ports = []
+    for i, p in enumerate(eps.get("ports") or []):
+        if not isinstance(p, dict) or not isinstance(p.get("port"), int):
+            raise ModelError(f"{where}: field ports[{i}].port: expected an integer")
+        protocol = PROTOCOLS.get(p.get("protocol") or "TCP")
+        if protocol is None:
+            raise ModelError(f"{where}: field ports[{i}].protocol: unsupported {p.get('protocol')!r}")
+        ports.append((p.get("name") or "", protocol, p["port"]))
+    by_port = index.setdefault((meta.get("namespace") or "default", service), {})
+    for i, ep in enumerate(eps.get("endpoints") or []):
+        endpoint = _endpoint(ep, family, f"{where}: field endpoints[{i}]")
+        for port_name, protocol, number in ports:
+            by_port.setdefault((port_name, protocol, family), set()).add(
+                Endpoint(endpoint["ip"], number, endpoint["ready"], endpoint["serving"],
+                         endpoint["terminating"], endpoint["node"]))
+
+
+def _endpoint(ep: dict, family: int, where: str) -> dict:
+    addresses = ep.get("addresses") if isinstance(ep, dict) else None
+    if not addresses or not isinstance(addresses, list):
+        raise ModelError(f"{where}.addresses: expected a non-empty list")
+    ip = _address(addresses[0], f"{where}.addresses[0]")
+    if ip_family(ip) != family:
+        raise ModelError(f"{where}.addresses[0]: {ip} is not an IPv{family} address")
+    conditions = ep.get("conditions") or {}
+    ready = conditions.get("ready")
+    ready = True if ready is None else bool(ready)  # nil ready means ready (API contract)
+    serving = conditions.get("serving")
+    serving = ready if serving is None else bool(serving)
+    terminating = bool(conditions.get("terminating") or False)
+    return {"ip": ip, "ready": ready and not terminating, "serving": serving,
+            "terminating": terminating, "node": ep.get("nodeName") or ""}
+
+
+def _address(value, where: str) -> str:
+    try:
+        return str(ipaddress.ip_address(str(value).strip()))
+    except ValueError:
+        raise ModelError(f"{where}: {value!r} is not an IP address") from None
+
+
+def _cidr(value, where: str) -> str:
+    try:
+        return str(ipaddress.ip_network(str(value).strip(), strict=False))
+    except ValueError:
+        raise ModelError(f"{where}: {value!r} is not a CIDR") from None
+
+
+def _service_ports(svc: dict, index: _SliceIndex, node: NodeFacts) -> list[ServicePort]:
+    meta = svc.get("metadata") or {}
+    namespace, name = meta.get("namespace") or "default", meta.get("name") or ""
+    where = f"Service {namespace}/{name}"
+    spec = svc.get("spec")
+    if not isinstance(spec, dict):
+        raise ModelError(f"{where}: field spec: expected a mapping")
+    if _skipped(spec, meta.get("labels") or {}):
+        return []
+    cluster_ips = _cluster_ips(spec, where)
+    svc_type = spec.get("type") or "ClusterIP"
+    external_ips = tuple(_address(ip, f"{where}: field spec.externalIPs[{i}]")
+                         for i, ip in enumerate(spec.get("externalIPs") or []))
+    lb_ips = _load_balancer_ips(svc, where) if svc_type == "LoadBalancer" else ()
+    source_ranges = tuple(_cidr(c, f"{where}: field spec.loadBalancerSourceRanges[{i}]")
+                          for i, c in enumerate(spec.get("loadBalancerSourceRanges") or []))
+    common = {
+        "affinity_timeout": _affinity_timeout(spec, where),
+        "external_local": (spec.get("externalTrafficPolicy") == "Local"
+                           and (svc_type in ("NodePort", "LoadBalancer") or bool(external_ips))),
+        "internal_local": spec.get("internalTrafficPolicy") == "Local",
+        "health_check_node_port": _int(spec.get("healthCheckNodePort") or 0,
+                                       f"{where}: field spec.healthCheckNodePort"),
+    }
+    ports = spec.get("ports")
+    if not isinstance(ports, list) or not ports:
+        raise ModelError(f"{where}: field spec.ports: expected a non-empty list")
+    result = []
+    for family in node.families:
+        cluster_ip = next((ip for ip in cluster_ips if ip_family(ip) == family), None)
+        if cluster_ip is None:
+            continue
+        of_family = lambda ips: tuple(ip for ip in ips if ip_family(ip) == family)  # noqa: E731
+        for i, port in enumerate(ports):
+            result.append(_service_port(
+                port, f"{where}: field spec.ports[{i}]", namespace, name, family, cluster_ip,
+                svc_type, index, external_ips=of_family(external_ips),
+                load_balancer_ips=of_family(lb_ips), source_ranges=of_family(source_ranges), **common))
+    return result
+
+
+def _skipped(spec: dict, labels: dict) -> bool:
+    """Services kube-proxy does not program (pkg/proxy/util ShouldSkipService)."""
+    if spec.get("type") == "ExternalName":
+        return True
+    if spec.get("clusterIP") in (None, "", "None") and not spec.get("clusterIPs"):
+        return True  # headless
+    return SERVICE_PROXY_NAME_LABEL in labels or HEADLESS_LABEL in labels
+
+
+def _cluster_ips(spec: dict, where: str) -> tuple[str, ...]:
+    values = spec.get("clusterIPs") or [spec.get("clusterIP")]
+    field_name = "spec.clusterIPs" if spec.get("clusterIPs") else "spec.clusterIP"
+    if values == ["None"]:
+        return ()
+    return tuple(_address(v, f"{where}: field {field_name}") for v in values)
+
+
+def _load_balancer_ips(svc: dict, where: str) -> tuple[str, ...]:
+    ingress = ((svc.get("status") or {}).get("loadBalancer") or {}).get("ingress") or []
+    ips = []
+    for i, entry in enumerate(ingress):
+        if not isinstance(entry, dict) or not entry.get("ip"):
+            continue  # hostname-only ingress: nothing to capture
+        if entry.get("ipMode") == "Proxy":
+            continue  # the load balancer proxies; the node must not capture the IP (KEP-1860)
+        ips.append(_address(entry["ip"], f"{where}: field status.loadBalancer.ingress[{i}].ip"))
+    return tuple(ips)
+
+
+def _affinity_timeout(spec: dict, where: str) -> int:
+    if spec.get("sessionAffinity") != "ClientIP":
+        return 0
+    config = ((spec.get("sessionAffinityConfig") or {}).get("clientIP") or {})
+    timeout = _int(config.get("timeoutSeconds", DEFAULT_AFFINITY_TIMEOUT),
+                   f"{where}: field spec.sessionAffinityConfig.clientIP.timeoutSeconds")
+    if not 0 < timeout <= 86400:
+        raise ModelError(f"{where}: field spec.sessionAffinityConfig.clientIP.timeoutSeconds: "
+                         f"{timeout} is not in 1..86400")
+    return timeout
+
+
+def _int(value, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ModelError(f"{where}: expected an integer, got {value!r}")
+    return value
+
+
+def _service_port(port, where: str, namespace: str, name: str, family: int, cluster_ip: str,
+                  svc_type: str, index: _SliceIndex, **extra) -> ServicePort:
+    if not isinstance(port, dict):
+        raise ModelError(f"{where}: expected a mapping")
+    number = _int(port.get("port"), f"{where}.port")
+    if not 0 < number < 65536:
+        raise ModelError(f"{where}.port: {number} is not in 1..65535")
+    protocol = PROTOCOLS.get(port.get("protocol") or "TCP")
+    if protocol is None:
+        raise ModelError(f"{where}.protocol: unsupported {port.get('protocol')!r} (TCP, UDP or SCTP)")
+    node_port = 0
+    if svc_type in ("NodePort", "LoadBalancer"):
+        node_port = _int(port.get("nodePort") or 0, f"{where}.nodePort")
+        if node_port and not 0 < node_port < 65536:
+            raise ModelError(f"{where}.nodePort: {node_port} is not in 1..65535")
+    port_name = port.get("name") or ""
+    endpoints = index.get((namespace, name), {}).get((port_name, protocol, family), set())
+    return ServicePort(
+        namespace=namespace, name=name, port_name=port_name, protocol=protocol, family=family,
+        cluster_ip=cluster_ip, port=number, node_port=node_port,
+        endpoints=tuple(sorted(endpoints, key=endpoint_sort_key)), **extra)
