@@ -1,0 +1,592 @@
+"""Defaulting and validation of objects (pure): used by the API server and by `netplane apply`.
+
+    obj = default(obj)            # a defaulted copy: Service type ClusterIP, protocol TCP, ...
+    errors = validate(obj)        # [(field path, message)], empty when valid
+    errors += validate_update(old, obj)   # immutable fields, on update
+
+Messages follow the Kubernetes wording so a user who knows `kubectl` recognises them:
+`spec.ports: Required value`, `spec.ports[0].port: Invalid value: 70000: must be between 1
+and 65535, inclusive`.
+"""
+from __future__ import annotations
+
+import copy
+import ipaddress
+import json
+import re
+from typing import Callable
+
+FieldError = tuple[str, str]  # (field path, message)
+
+_LABEL = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"
+DNS1123_LABEL = re.compile(_LABEL)
+DNS1123_SUBDOMAIN = re.compile(rf"{_LABEL}(\.{_LABEL})*")
+DNS1035_LABEL = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
+WILDCARD_SUBDOMAIN = re.compile(rf"\*\.{_LABEL}(\.{_LABEL})*")
+IANA_SVC_NAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,13}[a-z0-9])?")
+LABEL_VALUE = re.compile(r"(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?")
+QUALIFIED_NAME = re.compile(r"([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]")
+CONFIG_KEY = re.compile(r"[-._a-zA-Z0-9]+")
+
+PROTOCOLS = ("TCP", "UDP", "SCTP")
+SERVICE_TYPES = ("ClusterIP", "NodePort", "LoadBalancer", "ExternalName")
+PATH_TYPES = ("Exact", "Prefix", "ImplementationSpecific")
+RESTART_POLICIES = ("Always", "OnFailure", "Never")
+ADDRESS_TYPES = ("IPv4", "IPv6", "FQDN")
+
+
+# --- messages (Kubernetes wording) ------------------------------------------------------------
+
+def required() -> str:
+    return "Required value"
+
+
+def invalid(value, why: str) -> str:
+    return f"Invalid value: {_show(value)}: {why}"
+
+
+def unsupported(value, supported) -> str:
+    return f"Unsupported value: {_show(value)}: supported values: " + ", ".join(f'"{s}"' for s in supported)
+
+
+def duplicate(value) -> str:
+    return f"Duplicate value: {_show(value)}"
+
+
+def _show(value) -> str:
+    """A value as Kubernetes shows it: strings quoted, numbers bare, structures as JSON."""
+    try:
+        return json.dumps(value, sort_keys=True)
+    except (TypeError, ValueError):
+        return repr(value)
+
+
+def format_error(error: FieldError) -> str:
+    return f"{error[0]}: {error[1]}"
+
+
+def format_errors(errors: list[FieldError]) -> str:
+    return "; ".join(format_error(e) for e in errors)
+
+
+# --- defaulting -------------------------------------------------------------------------------
+
+def default(obj: dict) -> dict:
+    """A defaulted deep copy of `obj` (idempotent: default(default(x)) == default(x))."""
+    obj = copy.deepcopy(obj)
+    kind = obj.get("kind", "")
+    fill = _DEFAULTERS.get(kind)
+    spec = obj.get("spec")
+    if fill and isinstance(spec, dict):
+        fill(spec)
+    if kind == "EndpointSlice":  # its fields sit at the top level, not under spec
+        for port in _dicts(obj.get("ports")):
+            port.setdefault("protocol", "TCP")
+    return obj
+
+
+def _default_service(spec: dict) -> None:
+    spec.setdefault("type", "ClusterIP")
+    if spec["type"] != "ExternalName":
+        spec.setdefault("sessionAffinity", "None")
+        spec.setdefault("internalTrafficPolicy", "Cluster")
+    if spec["type"] in ("NodePort", "LoadBalancer"):
+        spec.setdefault("externalTrafficPolicy", "Cluster")
+    for port in _dicts(spec.get("ports")):
+        port.setdefault("protocol", "TCP")
+        if "targetPort" not in port and "port" in port:
+            port["targetPort"] = port["port"]
+
+
+def _default_pod_spec(spec: dict) -> None:
+    spec.setdefault("restartPolicy", "Always")
+    spec.setdefault("dnsPolicy", "ClusterFirst")
+    spec.setdefault("terminationGracePeriodSeconds", 30)
+    for container in _dicts(spec.get("containers")):
+        for port in _dicts(container.get("ports")):
+            port.setdefault("protocol", "TCP")
+
+
+def _default_template(spec: dict) -> None:
+    template = spec.get("template")
+    if isinstance(template, dict) and isinstance(template.get("spec"), dict):
+        _default_pod_spec(template["spec"])
+
+
+def _default_replicaset(spec: dict) -> None:
+    spec.setdefault("replicas", 1)
+    _default_template(spec)
+
+
+def _default_deployment(spec: dict) -> None:
+    spec.setdefault("replicas", 1)
+    spec.setdefault("revisionHistoryLimit", 10)
+    spec.setdefault("progressDeadlineSeconds", 600)
+    strategy = spec.setdefault("strategy", {})
+    if isinstance(strategy, dict):
+        strategy.setdefault("type", "RollingUpdate")
+        if strategy["type"] == "RollingUpdate":
+            rolling = strategy.setdefault("rollingUpdate", {})
+            if isinstance(rolling, dict):
+                rolling.setdefault("maxSurge", "25%")
+                rolling.setdefault("maxUnavailable", "25%")
+    _default_template(spec)
+
+
+_DEFAULTERS: dict[str, Callable[[dict], None]] = {
+    "Service": _default_service,
+    "Pod": _default_pod_spec,
+    "Deployment": _default_deployment,
+    "ReplicaSet": _default_replicaset,
+}
+
+
+def _dicts(value) -> list[dict]:
+    return [v for v in value if isinstance(v, dict)] if isinstance(value, list) else []
+
+
+# --- validation -------------------------------------------------------------------------------
+
+def validate(obj: dict) -> list[FieldError]:
+    """Every problem with `obj` (best called on default(obj)), as (field path, message)."""
+    kind = obj.get("kind", "")
+    errors = _validate_metadata(obj)
+    check = _VALIDATORS.get(kind)
+    if check:
+        check(obj, errors)
+    return errors
+
+
+def _validate_metadata(obj: dict) -> list[FieldError]:
+    errors: list[FieldError] = []
+    meta = obj.get("metadata")
+    if not isinstance(meta, dict):
+        return [("metadata", required())]
+    name = meta.get("name")
+    if not name:
+        if not meta.get("generateName"):
+            errors.append(("metadata.name", required()))
+    else:
+        errors += _check_name(obj.get("kind", ""), name)
+    namespace = meta.get("namespace")
+    if namespace and not _matches(DNS1123_LABEL, namespace, 63):
+        errors.append(("metadata.namespace", invalid(namespace, _label_message())))
+    for field in ("labels", "annotations"):
+        value = meta.get(field)
+        if value is not None and not isinstance(value, dict):
+            errors.append((f"metadata.{field}", invalid(value, "must be a map of string to string")))
+    errors += _check_labels(meta.get("labels"), "metadata.labels")
+    for key, value in (meta.get("annotations") or {}).items() if isinstance(meta.get("annotations"), dict) else ():
+        if not isinstance(value, str):
+            errors.append((f"metadata.annotations[{key}]", invalid(value, "must be a string")))
+    return errors
+
+
+def _check_name(kind: str, name) -> list[FieldError]:
+    if not isinstance(name, str):
+        return [("metadata.name", invalid(name, "must be a string"))]
+    if kind == "Service":
+        if not _matches(DNS1035_LABEL, name, 63):
+            return [("metadata.name", invalid(name, "a DNS-1035 label must consist of lower case alphanumeric "
+                     "characters or '-', start with an alphabetic character, and end with an alphanumeric "
+                     "character (e.g. 'my-name', or 'abc-123')"))]
+    elif kind == "Namespace":
+        if not _matches(DNS1123_LABEL, name, 63):
+            return [("metadata.name", invalid(name, _label_message()))]
+    elif not _matches(DNS1123_SUBDOMAIN, name, 253):
+        return [("metadata.name", invalid(name, "a lowercase RFC 1123 subdomain must consist of lower case "
+                 "alphanumeric characters, '-' or '.', and must start and end with an alphanumeric "
+                 "character (e.g. 'example.com')"))]
+    return []
+
+
+def _label_message() -> str:
+    return ("a lowercase RFC 1123 label must consist of lower case alphanumeric characters or '-', and "
+            "must start and end with an alphanumeric character (e.g. 'my-name', or '123-abc')")
+
+
+def _matches(pattern: re.Pattern, value, max_len: int) -> bool:
+    return isinstance(value, str) and len(value) <= max_len and pattern.fullmatch(value) is not None
+
+
+def _check_labels(labels, path: str) -> list[FieldError]:
+    if not isinstance(labels, dict):
+        return []
+    errors = []
+    for key, value in labels.items():
+        prefix, _, name = key.rpartition("/") if isinstance(key, str) else ("", "", key)
+        if not _matches(QUALIFIED_NAME, name, 63) or (prefix and not _matches(DNS1123_SUBDOMAIN, prefix, 253)):
+            errors.append((path, invalid(key, "name part must consist of alphanumeric characters, '-', '_' "
+                           "or '.', and must start and end with an alphanumeric character")))
+        if not _matches(LABEL_VALUE, value, 63):
+            errors.append((f"{path}[{key}]" if isinstance(key, str) else path,
+                           invalid(value, "a valid label must be an empty string or consist of alphanumeric "
+                                   "characters, '-', '_' or '.', and must start and end with an "
+                                   "alphanumeric character (at most 63 characters)")))
+    return errors
+
+
+def _port_number(value, path: str, errors: list, allow_zero: bool = False) -> bool:
+    low = 0 if allow_zero else 1
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= 65535:
+        errors.append((path, invalid(value, f"must be between {low} and 65535, inclusive")))
+        return False
+    return True
+
+
+def _spec(obj: dict, errors: list) -> dict | None:
+    spec = obj.get("spec")
+    if not isinstance(spec, dict):
+        errors.append(("spec", required() if spec is None else invalid(spec, "must be an object")))
+        return None
+    return spec
+
+
+def _list(value, path: str, errors: list, need: bool = True, of_objects: bool = True) -> list:
+    if value is None or value == []:
+        if need:
+            errors.append((path, required()))
+        return []
+    if not isinstance(value, list):
+        errors.append((path, invalid(value, "must be a list")))
+        return []
+    for index, item in enumerate(value):
+        if of_objects and not isinstance(item, dict):
+            errors.append((f"{path}[{index}]", invalid(item, "must be an object")))
+    return value
+
+
+# Service -------------------------------------------------------------------------------------
+
+def _validate_service(obj: dict, errors: list) -> None:
+    spec = _spec(obj, errors)
+    if spec is None:
+        return
+    svc_type = spec.get("type", "ClusterIP")
+    if svc_type not in SERVICE_TYPES:
+        errors.append(("spec.type", unsupported(svc_type, SERVICE_TYPES)))
+    headless = spec.get("clusterIP") == "None"
+    ports = _list(spec.get("ports"), "spec.ports", errors, need=not headless and svc_type != "ExternalName")
+    _validate_service_ports(ports, errors)
+    if svc_type == "ExternalName":
+        external = spec.get("externalName")
+        if not external:
+            errors.append(("spec.externalName", required()))
+        elif not _matches(DNS1123_SUBDOMAIN, str(external).rstrip("."), 253):
+            errors.append(("spec.externalName", invalid(external, "must be a DNS name (RFC 1123 subdomain)")))
+    cluster_ip = spec.get("clusterIP")
+    if cluster_ip not in (None, "", "None") and not _is_ip(cluster_ip):
+        errors.append(("spec.clusterIP", invalid(cluster_ip, "must be empty, 'None', or a valid IP address")))
+    if spec.get("sessionAffinity", "None") not in ("None", "ClientIP"):
+        errors.append(("spec.sessionAffinity", unsupported(spec["sessionAffinity"], ("ClientIP", "None"))))
+    for policy in ("externalTrafficPolicy", "internalTrafficPolicy"):
+        if spec.get(policy, "Cluster") not in ("Cluster", "Local"):
+            errors.append((f"spec.{policy}", unsupported(spec[policy], ("Cluster", "Local"))))
+    selector = spec.get("selector")
+    if selector is not None:
+        if not isinstance(selector, dict):
+            errors.append(("spec.selector", invalid(selector, "must be a map of string to string")))
+        else:
+            errors += _check_labels(selector, "spec.selector")
+
+
+def _validate_service_ports(ports: list, errors: list) -> None:
+    names, keys = set(), set()
+    for index, port in enumerate(ports):
+        if not isinstance(port, dict):
+            continue
+        path = f"spec.ports[{index}]"
+        name = port.get("name")
+        if not name:
+            if len(ports) > 1:
+                errors.append((f"{path}.name", required()))
+        elif not _matches(DNS1123_LABEL, name, 63):
+            errors.append((f"{path}.name", invalid(name, _label_message())))
+        elif name in names:
+            errors.append((f"{path}.name", duplicate(name)))
+        names.add(name)
+        if "port" not in port:
+            errors.append((f"{path}.port", required()))
+        else:
+            _port_number(port["port"], f"{path}.port", errors)
+        protocol = port.get("protocol", "TCP")
+        if protocol not in PROTOCOLS:
+            errors.append((f"{path}.protocol", unsupported(protocol, PROTOCOLS)))
+        key = (port.get("port"), protocol)
+        if key in keys:
+            errors.append((path, duplicate(f"{key[0]}/{protocol}")))
+        keys.add(key)
+        if "targetPort" in port:
+            _check_target_port(port["targetPort"], f"{path}.targetPort", errors)
+        if port.get("nodePort") not in (None, 0):
+            _port_number(port["nodePort"], f"{path}.nodePort", errors)
+
+
+def _check_target_port(value, path: str, errors: list) -> None:
+    if isinstance(value, str) and not value.isdigit():
+        if not IANA_SVC_NAME.fullmatch(value) or "--" in value or not re.search("[a-z]", value):
+            errors.append((path, invalid(value, "must contain only lowercase alphanumeric characters or '-', "
+                           "at most 15 characters, at least one letter, and no leading, trailing or "
+                           "double '-' (an IANA service name)")))
+        return
+    number = int(value) if isinstance(value, str) else value
+    _port_number(number, path, errors)
+
+
+def _is_ip(value) -> bool:
+    try:
+        ipaddress.ip_address(value)
+        return True
+    except (ValueError, TypeError):
+        return False
+
+
+# Pods and their templates ---------------------------------------------------------------------
+
+def _validate_pod(obj: dict, errors: list) -> None:
+    spec = _spec(obj, errors)
+    if spec is not None:
+        _validate_pod_spec(spec, "spec", errors)
+
+
+def _validate_pod_spec(spec: dict, path: str, errors: list) -> None:
+    containers = _list(spec.get("containers"), f"{path}.containers", errors)
+    names = set()
+    for index, container in enumerate(containers):
+        if isinstance(container, dict):
+            _validate_container(container, f"{path}.containers[{index}]", names, errors)
+    policy = spec.get("restartPolicy", "Always")
+    if policy not in RESTART_POLICIES:
+        errors.append((f"{path}.restartPolicy", unsupported(policy, RESTART_POLICIES)))
+
+
+def _validate_container(container: dict, path: str, names: set, errors: list) -> None:
+    name = container.get("name")
+    if not name:
+        errors.append((f"{path}.name", required()))
+    elif not _matches(DNS1123_LABEL, name, 63):
+        errors.append((f"{path}.name", invalid(name, _label_message())))
+    elif name in names:
+        errors.append((f"{path}.name", duplicate(name)))
+    names.add(name)
+    if not container.get("image"):
+        errors.append((f"{path}.image", required()))
+    for index, port in enumerate(_list(container.get("ports"), f"{path}.ports", errors, need=False)):
+        if not isinstance(port, dict):
+            continue
+        if "containerPort" not in port:
+            errors.append((f"{path}.ports[{index}].containerPort", required()))
+        else:
+            _port_number(port["containerPort"], f"{path}.ports[{index}].containerPort", errors)
+        if port.get("protocol", "TCP") not in PROTOCOLS:
+            errors.append((f"{path}.ports[{index}].protocol", unsupported(port["protocol"], PROTOCOLS)))
+    for index, env in enumerate(_list(container.get("env"), f"{path}.env", errors, need=False)):
+        if isinstance(env, dict) and not env.get("name"):
+            errors.append((f"{path}.env[{index}].name", required()))
+    for field in ("command", "args"):
+        value = container.get(field)
+        if value is not None and (not isinstance(value, list) or not all(isinstance(v, str) for v in value)):
+            errors.append((f"{path}.{field}", invalid(value, "must be a list of strings")))
+
+
+def _validate_workload(obj: dict, errors: list) -> None:
+    """Deployment and ReplicaSet: a selector that matches the template's labels, replicas >= 0."""
+    spec = _spec(obj, errors)
+    if spec is None:
+        return
+    replicas = spec.get("replicas", 1)
+    if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 0:
+        errors.append(("spec.replicas", invalid(replicas, "must be greater than or equal to 0")))
+    selector = spec.get("selector")
+    if not isinstance(selector, dict) or not (selector.get("matchLabels") or selector.get("matchExpressions")):
+        errors.append(("spec.selector", required()))
+        selector = None
+    template = spec.get("template")
+    if not isinstance(template, dict):
+        errors.append(("spec.template", required()))
+        return
+    labels = (template.get("metadata") or {}).get("labels") or {}
+    errors += _check_labels(labels, "spec.template.metadata.labels")
+    if selector is not None and not _selector_matches(selector, labels):
+        errors.append(("spec.template.metadata.labels",
+                       invalid(labels, "`selector` does not match template `labels`")))
+    template_spec = template.get("spec")
+    if not isinstance(template_spec, dict):
+        errors.append(("spec.template.spec", required()))
+        return
+    _validate_pod_spec(template_spec, "spec.template.spec", errors)
+    if template_spec.get("restartPolicy", "Always") != "Always":
+        errors.append(("spec.template.spec.restartPolicy", unsupported(template_spec["restartPolicy"], ("Always",))))
+
+
+def _selector_matches(selector: dict, labels: dict) -> bool:
+    from netplane.objects import matches_label_selector
+    return matches_label_selector(selector, labels)
+
+
+# Ingress --------------------------------------------------------------------------------------
+
+def _validate_ingress(obj: dict, errors: list) -> None:
+    spec = _spec(obj, errors)
+    if spec is None:
+        return
+    rules = _list(spec.get("rules"), "spec.rules", errors, need=False)
+    if not rules and not spec.get("defaultBackend"):
+        errors.append(("spec", invalid(spec, "either `defaultBackend` or `rules` must be specified")))
+    if spec.get("defaultBackend") is not None:
+        _validate_backend(spec["defaultBackend"], "spec.defaultBackend", errors)
+    for index, rule in enumerate(rules):
+        if isinstance(rule, dict):
+            _validate_ingress_rule(rule, f"spec.rules[{index}]", errors)
+    for index, tls in enumerate(_list(spec.get("tls"), "spec.tls", errors, need=False)):
+        if isinstance(tls, dict):
+            for h_index, host in enumerate(tls.get("hosts") or []):
+                if not _valid_host(host):
+                    errors.append((f"spec.tls[{index}].hosts[{h_index}]", invalid(host, "must be a DNS name")))
+
+
+def _valid_host(host) -> bool:
+    return _matches(DNS1123_SUBDOMAIN, host, 253) or _matches(WILDCARD_SUBDOMAIN, host, 253)
+
+
+def _validate_ingress_rule(rule: dict, path: str, errors: list) -> None:
+    host = rule.get("host")
+    if host and not _valid_host(host):
+        errors.append((f"{path}.host", invalid(host, "must be a DNS name, optionally with a leading '*.'")))
+    http = rule.get("http")
+    if http is None:
+        return
+    if not isinstance(http, dict):
+        errors.append((f"{path}.http", invalid(http, "must be an object")))
+        return
+    for index, item in enumerate(_list(http.get("paths"), f"{path}.http.paths", errors)):
+        if not isinstance(item, dict):
+            continue
+        item_path = f"{path}.http.paths[{index}]"
+        path_type = item.get("pathType")
+        if path_type is None:
+            errors.append((f"{item_path}.pathType", required()))
+        elif path_type not in PATH_TYPES:
+            errors.append((f"{item_path}.pathType", unsupported(path_type, PATH_TYPES)))
+        value = item.get("path")
+        if path_type in ("Exact", "Prefix") and not (isinstance(value, str) and value.startswith("/")):
+            errors.append((f"{item_path}.path", invalid(value, "must be an absolute path")))
+        if "backend" not in item:
+            errors.append((f"{item_path}.backend", required()))
+        else:
+            _validate_backend(item["backend"], f"{item_path}.backend", errors)
+
+
+def _validate_backend(backend, path: str, errors: list) -> None:
+    if not isinstance(backend, dict):
+        errors.append((path, invalid(backend, "must be an object")))
+        return
+    if backend.get("resource") is not None:
+        return
+    service = backend.get("service")
+    if not isinstance(service, dict):
+        errors.append((f"{path}.service", required()))
+        return
+    if not service.get("name"):
+        errors.append((f"{path}.service.name", required()))
+    port = service.get("port")
+    if not isinstance(port, dict) or ("number" not in port and not port.get("name")):
+        errors.append((f"{path}.service.port", required()))
+    elif "number" in port:
+        _port_number(port["number"], f"{path}.service.port.number", errors)
+
+
+# EndpointSlice, Node, ConfigMap/Secret ---------------------------------------------------------
+
+def _validate_endpointslice(obj: dict, errors: list) -> None:
+    address_type = obj.get("addressType")
+    if not address_type:
+        errors.append(("addressType", required()))
+    elif address_type not in ADDRESS_TYPES:
+        errors.append(("addressType", unsupported(address_type, ADDRESS_TYPES)))
+    for index, endpoint in enumerate(_list(obj.get("endpoints"), "endpoints", errors, need=False)):
+        if not isinstance(endpoint, dict):
+            continue
+        addresses = _list(endpoint.get("addresses"), f"endpoints[{index}].addresses", errors, of_objects=False)
+        for a_index, address in enumerate(addresses):
+            if address_type in ADDRESS_TYPES and not _valid_address(address_type, address):
+                errors.append((f"endpoints[{index}].addresses[{a_index}]",
+                               invalid(address, f"must be a valid {address_type} address")))
+    for index, port in enumerate(_list(obj.get("ports"), "ports", errors, need=False)):
+        if not isinstance(port, dict):
+            continue
+        if port.get("port") is not None:
+            _port_number(port["port"], f"ports[{index}].port", errors, allow_zero=True)
+        if port.get("protocol", "TCP") not in PROTOCOLS:
+            errors.append((f"ports[{index}].protocol", unsupported(port["protocol"], PROTOCOLS)))
+
+
+def _valid_address(address_type, address) -> bool:
+    if address_type == "FQDN":
+        return _matches(DNS1123_SUBDOMAIN, address, 253)
+    try:
+        ip = ipaddress.ip_address(address)
+    except (ValueError, TypeError):
+        return False
+    return ip.version == (4 if address_type == "IPv4" else 6)
+
+
+def _validate_node(obj: dict, errors: list) -> None:
+    spec = obj.get("spec") or {}
+    for index, cidr in enumerate([spec.get("podCIDR")] + list(spec.get("podCIDRs") or [])):
+        if cidr:
+            try:
+                ipaddress.ip_network(cidr)
+            except (ValueError, TypeError):
+                field = "spec.podCIDR" if index == 0 else f"spec.podCIDRs[{index - 1}]"
+                errors.append((field, invalid(cidr, "must be a valid CIDR, e.g. 10.244.1.0/24")))
+
+
+def _validate_data(obj: dict, errors: list) -> None:
+    for field in ("data", "stringData", "binaryData"):
+        value = obj.get(field)
+        if value is None:
+            continue
+        if not isinstance(value, dict):
+            errors.append((field, invalid(value, "must be a map of string to string")))
+            continue
+        for key in value:
+            if not _matches(CONFIG_KEY, key, 253):
+                errors.append((f"{field}[{key}]", invalid(key, "a valid config key must consist of "
+                               "alphanumeric characters, '-', '_' or '.'")))
+
+
+_VALIDATORS: dict[str, Callable[[dict, list], None]] = {
+    "Service": _validate_service,
+    "Pod": _validate_pod,
+    "Deployment": _validate_workload,
+    "ReplicaSet": _validate_workload,
+    "Ingress": _validate_ingress,
+    "EndpointSlice": _validate_endpointslice,
+    "Node": _validate_node,
+    "ConfigMap": _validate_data,
+    "Secret": _validate_data,
+}
+
+
+# --- updates ---------------------------------------------------------------------------------
+
+def validate_update(old: dict, new: dict) -> list[FieldError]:
+    """Fields that may not change once set (Kubernetes' immutable fields that matter here)."""
+    errors: list[FieldError] = []
+    kind = new.get("kind")
+    old_spec, new_spec = old.get("spec") or {}, new.get("spec") or {}
+    if kind == "Service":
+        old_ip, new_ip = old_spec.get("clusterIP"), new_spec.get("clusterIP")
+        switching_to_external = new_spec.get("type") == "ExternalName"
+        if old_ip and new_ip and old_ip != new_ip and not switching_to_external:
+            errors.append(("spec.clusterIP", invalid(new_ip, "field is immutable")))
+    if kind in ("Deployment", "ReplicaSet") and old_spec.get("selector") != new_spec.get("selector"):
+        errors.append(("spec.selector", invalid(new_spec.get("selector"), "field is immutable")))
+    if kind == "Pod":
+        old_node, new_node = old_spec.get("nodeName"), new_spec.get("nodeName")
+        if old_node and new_node != old_node:
+            errors.append(("spec.nodeName", invalid(new_node, "field is immutable once set")))
+    if kind == "EndpointSlice" and old.get("addressType") != new.get("addressType"):
+        errors.append(("addressType", invalid(new.get("addressType"), "field is immutable")))
+    return errors
