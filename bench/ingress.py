@@ -1,0 +1,253 @@
+"""Ingress benchmark: netplane ingress against nginx, same routes, same backend, one worker each, one run.
+
+    .venv/bin/python bench/ingress.py [--duration 8] [--connections 64] [--rounds 2] [--access-log]
+
+Backend: `netplane echo` (uvloop + httptools) on loopback. Both proxies keep upstream connections
+alive (nginx: `keepalive 64`, HTTP/1.1, `Connection ""`) and set the same forwarding headers.
+Scenarios: `1 route` (one Ingress, one host, one path) and `4x50` (4 Ingresses, each its own host
+with 50 Prefix paths; requests hit a path in the middle of the set).
+On a machine with 2+ cores the proxy is pinned to cpu0 and wrk + backend share the others, so
+compare CPU per request (proxy utime+stime from /proc over the run) as much as requests per second.
+Needs wrk and nginx (Debian: wrk, nginx-light or nginx).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+NETPLANE = [sys.executable, "-m", "netplane"]
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Figures:
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    cpu_us_per_req: float
+    errors: int
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, proc: subprocess.Popen, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{proc.args[0]} did not start listening on {port}") from None
+            time.sleep(0.05)
+
+
+def pinned(argv: list[str], cpus: str | None) -> list[str]:
+    return ["taskset", "-c", cpus, *argv] if cpus and shutil.which("taskset") else argv
+
+
+# ------------------------------------------------------------------------------ scenario inputs
+
+def scenario(name: str, backend_port: int) -> tuple[list[dict], str, str]:
+    """(objects, Host to request, path to request)."""
+    hosts = {"1 route": [("bench.test", ["/"])],
+             "4x50": [(f"site{h}.test", [f"/app{p}/v1" for p in range(50)]) for h in range(4)]}[name]
+    objects = [
+        {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "echo", "namespace": "default"},
+         "spec": {"ports": [{"name": "http", "port": 80, "targetPort": backend_port}]}},
+        {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice", "addressType": "IPv4",
+         "metadata": {"name": "echo-1", "namespace": "default", "labels": {"kubernetes.io/service-name": "echo"}},
+         "ports": [{"name": "http", "port": backend_port}],
+         "endpoints": [{"addresses": ["127.0.0.1"], "conditions": {"ready": True}}]}]
+    for i, (host, paths) in enumerate(hosts):
+        objects.append({"apiVersion": "networking.k8s.io/v1", "kind": "Ingress",
+                        "metadata": {"name": f"ing{i}", "namespace": "default"},
+                        "spec": {"rules": [{"host": host, "http": {"paths": [
+                            {"path": p, "pathType": "Prefix",
+                             "backend": {"service": {"name": "echo", "port": {"number": 80}}}} for p in paths]}}]}})
+    host, paths = hosts[len(hosts) // 2]
+    return objects, host, paths[len(paths) // 2] + "/item"
+
+
+def nginx_conf(workdir: Path, objects: list[dict], listen: int, backend_port: int, access_log: bool) -> Path:
+    servers = []
+    for ing in (o for o in objects if o["kind"] == "Ingress"):
+        for r in ing["spec"]["rules"]:
+            locations = "".join(
+                f"    location {p['path']} {{ proxy_pass http://echo; }}\n" for p in r["http"]["paths"])
+            servers.append(f"  server {{\n    listen 127.0.0.1:{listen};\n    server_name {r['host']};\n"
+                           f"{locations}  }}\n")
+    log = f"access_log {workdir}/nginx-access.log;" if access_log else "access_log off;"
+    conf = f"""worker_processes 1;
+daemon off;
+pid {workdir}/nginx.pid;
+error_log {workdir}/nginx-error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+  {log}
+  client_body_temp_path {workdir}/body; proxy_temp_path {workdir}/proxy;
+  fastcgi_temp_path {workdir}/fcgi; uwsgi_temp_path {workdir}/uwsgi; scgi_temp_path {workdir}/scgi;
+  keepalive_requests 100000;
+  upstream echo {{ server 127.0.0.1:{backend_port}; keepalive 64; }}
+  proxy_http_version 1.1;
+  proxy_set_header Connection "";
+  proxy_set_header Host $http_host;
+  proxy_set_header X-Forwarded-For $remote_addr;
+  proxy_set_header X-Real-IP $remote_addr;
+  proxy_set_header X-Forwarded-Proto $scheme;
+  proxy_set_header X-Forwarded-Host $http_host;
+  proxy_set_header X-Forwarded-Port $server_port;
+  proxy_buffering off;
+{''.join(servers)}}}
+"""
+    path = workdir / "nginx.conf"
+    path.write_text(conf)
+    return path
+
+
+# ------------------------------------------------------------------------------ measuring
+
+def cpu_seconds(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])   # utime, stime
+    return total / CLK_TCK
+
+
+def process_tree(pid: int) -> list[int]:
+    pids = [pid]
+    for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+        pids += process_tree(int(child))
+    return pids
+
+
+def parse_ms(text: str) -> float:
+    value, unit = re.fullmatch(r"([\d.]+)(us|ms|s)", text).groups()
+    return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+
+
+def run_wrk(port: int, host: str, path: str, duration: int, connections: int, cpus: str | None,
+            pids: list[int]) -> Figures:
+    argv = pinned(["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency", "-H", f"Host: {host}",
+                   f"http://127.0.0.1:{port}{path}"], cpus)
+    before = cpu_seconds(pids)
+    out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+    used = cpu_seconds(pids) - before
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    total = int(re.search(r"(\d+) requests in", out).group(1))
+    p50 = parse_ms(re.search(r"50%\s+(\S+)", out).group(1))
+    p99 = parse_ms(re.search(r"99%\s+(\S+)", out).group(1))
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    socket_errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    n_errors = int(errors.group(1)) if errors else 0
+    n_errors += sum(map(int, socket_errors.groups())) if socket_errors else 0
+    return Figures(rps, p50, p99, used / max(total, 1) * 1e6, n_errors)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--duration", type=int, default=8)
+    parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--access-log", action="store_true", help="both proxies log every request")
+    args = parser.parse_args(argv)
+    for tool in ("wrk", "nginx"):
+        if not shutil.which(tool):
+            print(f"bench/ingress.py needs {tool} (Debian: apt-get install wrk nginx-light)", file=sys.stderr)
+            return 2
+    ncpu = os.cpu_count() or 1
+    proxy_cpu, load_cpus = ("0", f"1-{ncpu - 1}") if ncpu >= 2 else (None, None)
+    procs: list[subprocess.Popen] = []
+    with tempfile.TemporaryDirectory(prefix="netplane-bench-ingress-") as tmp:
+        workdir = Path(tmp)
+        try:
+            backend_port = free_port()
+            backend = subprocess.Popen(pinned([*NETPLANE, "echo", "--port", str(backend_port)], load_cpus),
+                                       env={**os.environ, "POD_NAME": "bench-echo"}, stdout=subprocess.DEVNULL)
+            procs.append(backend)
+            wait_port(backend_port, backend)
+            print(f"proxy on cpu {proxy_cpu or 'any'}; wrk and backend on cpus {load_cpus or 'any'}; "
+                  f"wrk -t1 -c{args.connections} -d{args.duration}s; access log "
+                  f"{'on' if args.access_log else 'off'} for both")
+            print(f"{'scenario':<9} {'proxy':<9} {'round':>5} {'req/s':>9} {'p50 ms':>7} {'p99 ms':>7} "
+                  f"{'CPU us/req':>10} {'errors':>6}")
+            for name in ("1 route", "4x50"):
+                objects, host, path = scenario(name, backend_port)
+                results = measure_scenario(name, objects, host, path, workdir, backend_port, args,
+                                           proxy_cpu, load_cpus, procs)
+                report_ratio(name, results)
+        finally:
+            for proc in reversed(procs):
+                if proc.poll() is None:
+                    proc.terminate()
+                    try:
+                        proc.wait(10)
+                    except subprocess.TimeoutExpired:
+                        proc.kill()
+    return 0
+
+
+def measure_scenario(name, objects, host, path, workdir, backend_port, args, proxy_cpu, load_cpus, procs):
+    results: dict[str, list[Figures]] = {"netplane": [], "nginx": []}
+    objects_file = workdir / "objects.yaml"
+    objects_file.write_text(yaml.safe_dump_all(objects))
+    ports = {"netplane": free_port(), "nginx": free_port()}
+    ingress_argv = [*NETPLANE, "ingress", "serve", "--objects", str(objects_file),
+                    "--listen", f"127.0.0.1:{ports['netplane']}", "--workers", "1"]
+    if not args.access_log:
+        ingress_argv.append("--no-access-log")
+    log = open(workdir / "ingress.log", "w")
+    servers = {
+        "netplane": subprocess.Popen(pinned(ingress_argv, proxy_cpu), stdout=log, stderr=log),
+        "nginx": subprocess.Popen(pinned(["nginx", "-c", str(nginx_conf(workdir, objects, ports["nginx"],
+                                                                         backend_port, args.access_log))],
+                                         proxy_cpu)),
+    }
+    procs += servers.values()
+    try:
+        for proxy, proc in servers.items():
+            wait_port(ports[proxy], proc)
+            check = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "-H", f"Host: {host}",
+                                    f"http://127.0.0.1:{ports[proxy]}{path}"], capture_output=True, text=True)
+            if check.stdout != "200":
+                raise RuntimeError(f"{proxy} answered {check.stdout} for {host}{path}")
+        for round_ in range(1, args.rounds + 1):
+            for proxy, proc in servers.items():
+                pids = process_tree(proc.pid)
+                fig = run_wrk(ports[proxy], host, path, args.duration, args.connections, load_cpus, pids)
+                results[proxy].append(fig)
+                print(f"{name:<9} {proxy:<9} {round_:>5} {fig.rps:>9.0f} {fig.p50_ms:>7.2f} {fig.p99_ms:>7.2f} "
+                      f"{fig.cpu_us_per_req:>10.1f} {fig.errors:>6}", flush=True)
+    finally:
+        for proc in servers.values():
+            proc.terminate()
+            proc.wait(10)
+    return results
+
+
+def report_ratio(name: str, results: dict[str, list[Figures]]) -> None:
+    def best(proxy):   # the better round of each, so one noisy round does not decide
+        return max(results[proxy], key=lambda f: f.rps)
+    ours, theirs = best("netplane"), best("nginx")
+    print(f"{name:<9} ratio netplane/nginx: req/s {ours.rps / theirs.rps:.2f}x, "
+          f"p99 {ours.p99_ms / theirs.p99_ms:.2f}x, CPU/req {ours.cpu_us_per_req / theirs.cpu_us_per_req:.2f}x")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

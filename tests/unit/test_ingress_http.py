@@ -1,0 +1,608 @@
+"""End to end with real HTTP on loopback: `netplane ingress serve --objects FILE` as a process, real
+backends (`netplane echo` processes and small in-test servers), real sockets. No root needed.
+
+Covers routing by host and path (the conformance path table over the wire), 404, 503, keep-alive,
+round-robin, forwarding headers, hop-by-hop removal, pipelining, chunked streaming both ways,
+smuggling inputs, 431, 413, 502, 504, retry on another endpoint, WebSocket upgrade, TLS by SNI and
+--workers with SO_REUSEPORT.
+"""
+from __future__ import annotations
+
+import base64
+import http.client
+import json
+import os
+import socket
+import socketserver
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler
+from pathlib import Path
+
+import pytest
+import yaml
+
+VENV_BIN = Path(sys.executable).parent
+NETPLANE = [sys.executable, "-m", "netplane"]
+
+
+# ------------------------------------------------------------------------------ helpers
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, proc: subprocess.Popen | None = None, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            if proc is not None and proc.poll() is not None:
+                raise RuntimeError(f"process exited with {proc.returncode} before listening on {port}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"nothing listens on {port}")
+            time.sleep(0.02)
+
+
+def stop_process(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+class RecordingBackend(BaseHTTPRequestHandler):
+    """Answers JSON describing the request it got (which backend, the head, the body size).
+    Special paths: /chunked-response, /slow, /garbage, /close-delimited."""
+    protocol_version = "HTTP/1.1"
+    server_version = "test-backend"
+
+    def log_message(self, *args):
+        pass
+
+    def _body(self) -> bytes:
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            data = b""
+            while True:
+                size = int(self.rfile.readline().split(b";")[0], 16)
+                if size == 0:
+                    self.rfile.readline()
+                    return data
+                data += self.rfile.read(size)
+                self.rfile.readline()
+        return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+    def _answer(self):
+        body = self._body()
+        path = self.path
+        if path.startswith("/slow"):
+            time.sleep(3)
+        if path.startswith("/garbage"):
+            self.wfile.write(b"THIS IS NOT HTTP\r\n\r\n")
+            self.close_connection = True
+            return
+        info = {"backend": self.server.name, "method": self.command, "path": path,
+                "headers": [[k, v] for k, v in self.headers.items()], "body_len": len(body),
+                "request_version": self.request_version, "peer": self.client_address[1]}
+        data = json.dumps(info).encode()
+        if path.startswith("/chunked-response"):
+            self.send_response(200)
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            for i in range(0, len(data), 7):
+                piece = data[i:i + 7]
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+            self.wfile.write(b"0\r\n\r\n")
+            return
+        if path.startswith("/close-delimited"):
+            self.wfile.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\nKeep-Alive: timeout=5\r\n\r\n" + data)
+            self.close_connection = True
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("Connection", "keep-alive, X-Secret-Hop")
+        self.send_header("X-Secret-Hop", "must-not-pass")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
+
+    do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = _answer
+
+
+class ThreadedServer(socketserver.ThreadingTCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+
+def start_backend(name: str, handler=RecordingBackend):
+    server = ThreadedServer(("127.0.0.1", 0), handler)
+    server.name = name
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+class WebSocketish(socketserver.BaseRequestHandler):
+    """Answers an Upgrade with 101, then echoes every byte back upper-cased."""
+
+    def handle(self):
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = self.request.recv(4096)
+            if not chunk:
+                return
+            head += chunk
+        head, rest = head.split(b"\r\n\r\n", 1)
+        if b"upgrade: websocket" not in head.lower():
+            self.request.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+            return
+        self.request.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                             b"Connection: Upgrade\r\n\r\n")
+        if rest:
+            self.request.sendall(rest.upper())
+        while True:
+            data = self.request.recv(4096)
+            if not data:
+                self.request.shutdown(socket.SHUT_WR)
+                return
+            self.request.sendall(data.upper())
+
+
+# ------------------------------------------------------------------------------ objects
+
+def svc_objects(name: str, ports: list[int], ready: bool = True) -> list[dict]:
+    """A Service `name` port 80 ('http') -> one EndpointSlice per backend port on 127.0.0.1."""
+    objs = [{"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": "default"},
+             "spec": {"ports": [{"name": "http", "port": 80, "targetPort": 8080}]}}]
+    for i, port in enumerate(ports):
+        objs.append({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice", "addressType": "IPv4",
+                     "metadata": {"name": f"{name}-{i}", "namespace": "default",
+                                  "labels": {"kubernetes.io/service-name": name}},
+                     "ports": [{"name": "http", "port": port}],
+                     "endpoints": [{"addresses": ["127.0.0.1"], "conditions": {"ready": ready}}]})
+    return objs
+
+
+def rule(host, paths):
+    return {**({"host": host} if host else {}),
+            "http": {"paths": [{"path": p, "pathType": t, "backend": {"service": {"name": s, "port": {"number": 80}}}}
+                               for p, t, s in paths]}}
+
+
+def self_signed(tmp: Path, cn: str) -> tuple[bytes, bytes]:
+    cert, key = tmp / f"{cn}.crt", tmp / f"{cn}.key"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", f"/CN={cn}", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    return cert.read_bytes(), key.read_bytes()
+
+
+def tls_secret(name: str, cert: bytes, key: bytes) -> dict:
+    return {"apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
+            "metadata": {"name": name, "namespace": "default"},
+            "data": {"tls.crt": base64.b64encode(cert).decode(), "tls.key": base64.b64encode(key).decode()}}
+
+
+CONFORMANCE_SERVICES = ["foo-exact", "foo-prefix", "aaa-slash-bbb-prefix", "aaa-prefix",
+                        "aaa-slash-bbb-slash-prefix", "foo-slash-exact"]
+
+
+# ------------------------------------------------------------------------------ the world
+
+class World:
+    def __init__(self, tmp: Path):
+        self.tmp = tmp
+        self.procs: list[subprocess.Popen] = []
+        self.servers: list = []
+
+    def echo(self, pod: str) -> int:
+        port = free_port()
+        proc = subprocess.Popen([*NETPLANE, "echo", "--port", str(port)], env={**os.environ, "POD_NAME": pod},
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.procs.append(proc)
+        wait_port(port, proc)
+        return port
+
+    def backend(self, name: str, handler=RecordingBackend) -> int:
+        server = start_backend(name, handler)
+        self.servers.append(server)
+        return server.server_address[1]
+
+    def ingress(self, objects: list[dict], *flags: str, tls: bool = False, workers: int = 1,
+                health: bool = False) -> dict:
+        path = self.tmp / f"objects-{len(self.procs)}.yaml"
+        path.write_text(yaml.safe_dump_all(objects))
+        ports = {"http": free_port()}
+        argv = [*NETPLANE, "ingress", "serve", "--objects", str(path), "--listen", f"127.0.0.1:{ports['http']}",
+                "--workers", str(workers), *flags]
+        if tls:
+            ports["https"] = free_port()
+            argv += ["--tls-listen", f"127.0.0.1:{ports['https']}"]
+        if health:
+            ports["health"] = free_port()
+            argv += ["--health-listen", f"127.0.0.1:{ports['health']}"]
+        log = open(self.tmp / f"ingress-{len(self.procs)}.log", "w")
+        proc = subprocess.Popen(argv, stdout=log, stderr=log)
+        self.procs.append(proc)
+        for port in ports.values():
+            wait_port(port, proc)
+        ports["log"] = log.name
+        return ports
+
+    def close(self):
+        for proc in reversed(self.procs):
+            stop_process(proc)
+        for server in self.servers:
+            server.shutdown()
+            server.server_close()
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    w = World(tmp_path_factory.mktemp("ingress"))
+    try:
+        w.echo_a, w.echo_b = w.echo("pod-a"), w.echo("pod-b")
+        w.hdr = w.backend("hdr")
+        w.ws = w.backend("ws", WebSocketish)
+        dead = free_port()   # nothing listens here: connects are refused
+        conformance = {name: w.backend(name) for name in CONFORMANCE_SERVICES}
+        objects = (svc_objects("a", [w.echo_a]) + svc_objects("b", [w.echo_b])
+                   + svc_objects("ab", [w.echo_a, w.echo_b]) + svc_objects("hdr", [w.hdr])
+                   + svc_objects("ws", [w.ws]) + svc_objects("retry", [dead, w.echo_a])
+                   + svc_objects("down", [w.echo_a], ready=False))
+        for name, port in conformance.items():
+            objects += svc_objects(name, [port])
+        a_cert, a_key = self_signed(w.tmp, "a.test")
+        b_cert, b_key = self_signed(w.tmp, "b.test")
+        objects += [tls_secret("a-tls", a_cert, a_key), tls_secret("b-tls", b_cert, b_key)]
+        objects.append({
+            "apiVersion": "networking.k8s.io/v1", "kind": "Ingress",
+            "metadata": {"name": "main", "namespace": "default", "creationTimestamp": "2024-01-01T00:00:00Z"},
+            "spec": {"ingressClassName": "netplane",
+                     "tls": [{"hosts": ["a.test"], "secretName": "a-tls"}, {"hosts": ["b.test"], "secretName": "b-tls"}],
+                     "rules": [rule("a.test", [("/", "Prefix", "a"), ("/down", "Prefix", "down"),
+                                               ("/gone", "Prefix", "missing")]),
+                               rule("b.test", [("/", "Prefix", "b")]),
+                               rule("*.wild.test", [("/", "Prefix", "b")]),
+                               rule("rr.test", [("/", "Prefix", "ab")]),
+                               rule("hdr.test", [("/", "Prefix", "hdr")]),
+                               rule("ws.test", [("/", "Prefix", "ws")]),
+                               rule("retry.test", [("/", "Prefix", "retry")]),
+                               rule("exact-path-rules", [("/foo", "Exact", "foo-exact")]),
+                               rule("prefix-path-rules", [("/foo", "Prefix", "foo-prefix"),
+                                                          ("/aaa/bbb", "Prefix", "aaa-slash-bbb-prefix"),
+                                                          ("/aaa", "Prefix", "aaa-prefix")]),
+                               rule("mixed-path-rules", [("/foo", "Prefix", "foo-prefix"), ("/foo", "Exact", "foo-exact")]),
+                               rule("trailing-slash-path-rules", [("/aaa/bbb/", "Prefix", "aaa-slash-bbb-slash-prefix"),
+                                                                  ("/foo/", "Exact", "foo-slash-exact")])]}})
+        objects.append({"apiVersion": "networking.k8s.io/v1", "kind": "Ingress",
+                        "metadata": {"name": "other-class", "namespace": "default"},
+                        "spec": {"ingressClassName": "some-invalid-class-name",
+                                 "rules": [rule("ingress-class", [("/", "Prefix", "a")])]}})
+        w.objects = objects
+        w.ports = w.ingress(objects, "--read-timeout", "1", "--max-body-size", "1m", "--client-timeout", "2",
+                            tls=True, health=True)
+        w.port = w.ports["http"]
+        yield w
+    finally:
+        w.close()
+
+
+def get(world, host, path="/", method="GET", headers=None, body=None, port=None):
+    conn = http.client.HTTPConnection("127.0.0.1", port or world.port, timeout=10)
+    try:
+        conn.request(method, path, body=body, headers={"Host": host, **(headers or {})})
+        resp = conn.getresponse()
+        return resp.status, resp.read().decode(), resp
+    finally:
+        conn.close()
+
+
+def pod_of(body: str) -> str:
+    return yaml.safe_load(body)["pod"]
+
+
+def raw(world, data: bytes, port=None, read_until_close=True) -> bytes:
+    with socket.create_connection(("127.0.0.1", port or world.port), timeout=10) as s:
+        s.sendall(data)
+        out = b""
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                return out
+            out += chunk
+            if not read_until_close and b"\r\n\r\n" in out:
+                return out
+
+
+# ------------------------------------------------------------------------------ routing
+
+@pytest.mark.parametrize("host,path,pod", [
+    ("a.test", "/", "pod-a"), ("a.test", "/x/y?z=1", "pod-a"), ("A.TEST:8080", "/", "pod-a"),
+    ("b.test", "/", "pod-b"), ("one.wild.test", "/p", "pod-b"),
+])
+def test_routes_by_host_and_path_to_the_right_backend(world, host, path, pod):
+    status, body, resp = get(world, host, path)
+    assert status == 200 and pod_of(body) == pod
+    assert yaml.safe_load(body)["host"] == host   # Host passed through unchanged
+    assert resp.getheader("Server") == "netplane-echo"
+
+
+@pytest.mark.parametrize("host,path,expected", [
+    ("exact-path-rules", "/foo", "foo-exact"), ("exact-path-rules", "/foo/", 404),
+    ("exact-path-rules", "/FOO", 404), ("exact-path-rules", "/bar", 404),
+    ("prefix-path-rules", "/foo", "foo-prefix"), ("prefix-path-rules", "/foo/", "foo-prefix"),
+    ("prefix-path-rules", "/FOO", 404), ("prefix-path-rules", "/aaa/bbb", "aaa-slash-bbb-prefix"),
+    ("prefix-path-rules", "/aaa/bbb/ccc", "aaa-slash-bbb-prefix"), ("prefix-path-rules", "/aaa/ccc", "aaa-prefix"),
+    ("prefix-path-rules", "/aaaccc", 404), ("mixed-path-rules", "/foo", "foo-exact"),
+    ("trailing-slash-path-rules", "/aaa/bbb", "aaa-slash-bbb-slash-prefix"),
+    ("trailing-slash-path-rules", "/aaa/bbb/", "aaa-slash-bbb-slash-prefix"),
+    ("trailing-slash-path-rules", "/foo", 404),
+    ("baz.bar.wild.test", "/", 404), ("wild.test", "/", 404), ("ingress-class", "/", 404),
+])
+def test_conformance_path_and_host_rules_over_http(world, host, path, expected):
+    status, body, resp = get(world, host, path)
+    if expected == 404:
+        assert status == 404, body
+        assert resp.getheader("Server") == "netplane-ingress"
+    else:
+        assert status == 200 and json.loads(body)["backend"] == expected
+
+
+@pytest.mark.parametrize("method", ["GET", "POST", "PUT", "DELETE", "PATCH"])
+def test_methods_pass_unchanged(world, method):
+    status, body, _ = get(world, "hdr.test", "/m?q=1", method=method, body=b"x" if method != "GET" else None)
+    info = json.loads(body)
+    assert status == 200 and info["method"] == method and info["path"] == "/m?q=1"
+    assert info["request_version"] == "HTTP/1.1"
+
+
+def test_missing_service_and_no_ready_endpoints_answer_503(world):
+    for path, why in (("/down", "no ready endpoints"), ("/gone/x", "not found")):
+        status, body, _ = get(world, "a.test", path)
+        assert status == 503 and why in body
+
+
+def test_unknown_host_is_404(world):
+    assert get(world, "nope.test")[0] == 404
+
+
+def test_keep_alive_on_both_sides(world):
+    conn = http.client.HTTPConnection("127.0.0.1", world.port, timeout=10)
+    peers, sockets = set(), set()
+    for i in range(5):
+        conn.request("GET", f"/k{i}", headers={"Host": "hdr.test"})
+        resp = conn.getresponse()
+        peers.add(json.loads(resp.read())["peer"])
+        sockets.add(id(conn.sock))
+        assert resp.getheader("Connection") is None   # HTTP/1.1 keep-alive is the default
+    conn.close()
+    assert len(sockets) == 1        # one client connection carried all five
+    assert len(peers) == 1          # and one pooled upstream connection served them
+
+
+def test_round_robin_across_ready_endpoints(world):
+    conn = http.client.HTTPConnection("127.0.0.1", world.port, timeout=10)
+    pods = []
+    for _ in range(10):
+        conn.request("GET", "/", headers={"Host": "rr.test"})
+        pods.append(pod_of(conn.getresponse().read().decode()))
+    conn.close()
+    assert set(pods) == {"pod-a", "pod-b"}
+    assert all(pods[i] != pods[i + 1] for i in range(9)), pods
+
+
+def test_failed_connect_is_retried_on_another_endpoint(world):
+    for _ in range(6):
+        status, body, _ = get(world, "retry.test")
+        assert status == 200 and pod_of(body) == "pod-a"
+
+
+# ------------------------------------------------------------------------------ headers
+
+def test_forwarding_headers_set_and_hop_by_hop_removed_both_ways(world):
+    status, body, resp = get(world, "hdr.test:8080", "/h", headers={
+        "X-Forwarded-For": "6.6.6.6", "Connection": "keep-alive, X-Drop-Me", "X-Drop-Me": "1",
+        "Keep-Alive": "timeout=5", "Proxy": "http://evil", "User-Agent": "tester/1", "X-Keep": "yes"})
+    headers = {k.lower(): v for k, v in json.loads(body)["headers"]}
+    assert headers["host"] == "hdr.test:8080"
+    assert headers["x-forwarded-for"] == "127.0.0.1" and headers["x-real-ip"] == "127.0.0.1"
+    assert headers["x-forwarded-proto"] == "http" and headers["x-forwarded-host"] == "hdr.test:8080"
+    assert headers["x-forwarded-port"] == str(world.port)
+    assert headers["user-agent"] == "tester/1" and headers["x-keep"] == "yes"
+    for gone in ("x-drop-me", "keep-alive", "proxy", "connection"):
+        assert gone not in headers, gone
+    assert resp.getheader("X-Secret-Hop") is None and resp.getheader("Server").startswith("test-backend")
+
+
+# ------------------------------------------------------------------------------ bodies and framing
+
+def test_chunked_request_body_and_chunked_response_are_streamed(world):
+    def chunks():
+        for _ in range(100):
+            yield b"y" * 1000
+    conn = http.client.HTTPConnection("127.0.0.1", world.port, timeout=10)
+    conn.request("POST", "/chunked-response", body=chunks(), headers={"Host": "hdr.test"},
+                 encode_chunked=True)
+    resp = conn.getresponse()
+    info = json.loads(resp.read())
+    assert resp.status == 200 and info["body_len"] == 100_000
+    assert resp.getheader("Transfer-Encoding") == "chunked"
+    conn.close()
+
+
+def test_close_delimited_upstream_body_is_rechunked_for_the_client(world):
+    status, body, resp = get(world, "hdr.test", "/close-delimited")
+    assert status == 200 and json.loads(body)["backend"] == "hdr"
+    assert resp.getheader("Transfer-Encoding") == "chunked" and resp.getheader("Keep-Alive") is None
+
+
+def test_pipelined_requests_are_answered_in_order(world):
+    reqs = b"".join(b"GET /p%d HTTP/1.1\r\nHost: hdr.test\r\n\r\n" % i for i in range(3))
+    reqs += b"GET /last HTTP/1.1\r\nHost: hdr.test\r\nConnection: close\r\n\r\n"
+    out = raw(world, reqs)
+    bodies = [seg for seg in out.split(b"HTTP/1.1 200 OK") if seg]
+    found = [json.loads(seg[seg.index(b"{"):seg.rindex(b"}") + 1])["path"] for seg in bodies]
+    assert found == ["/p0", "/p1", "/p2", "/last"]
+
+
+def test_head_response_has_no_body(world):
+    out = raw(world, b"HEAD /h HTTP/1.1\r\nHost: hdr.test\r\n\r\nGET /after HTTP/1.1\r\nHost: hdr.test\r\n"
+                     b"Connection: close\r\n\r\n")
+    first, _, rest = out.partition(b"\r\n\r\n")
+    assert first.startswith(b"HTTP/1.1 200") and b"Content-Length:" in first
+    assert rest.startswith(b"HTTP/1.1 200") and b'"/after"' in rest
+
+
+# ------------------------------------------------------------------------------ safety
+
+@pytest.mark.parametrize("name,request_bytes", [
+    ("CL and TE", b"POST / HTTP/1.1\r\nHost: hdr.test\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"),
+    ("duplicate CL", b"POST / HTTP/1.1\r\nHost: hdr.test\r\nContent-Length: 4\r\nContent-Length: 5\r\n\r\nabcde"),
+    ("same duplicate CL", b"POST / HTTP/1.1\r\nHost: hdr.test\r\nContent-Length: 4\r\nContent-Length: 4\r\n\r\nabcd"),
+    ("missing Host", b"GET / HTTP/1.1\r\nUser-Agent: x\r\n\r\n"),
+    ("two Hosts", b"GET / HTTP/1.1\r\nHost: hdr.test\r\nHost: a.test\r\n\r\n"),
+    ("obs-fold", b"GET / HTTP/1.1\r\nHost: hdr.test\r\nX-A: 1\r\n  folded\r\n\r\n"),
+    ("space before colon", b"GET / HTTP/1.1\r\nHost : hdr.test\r\n\r\n"),
+    ("bad chunk size", b"POST / HTTP/1.1\r\nHost: hdr.test\r\nTransfer-Encoding: chunked\r\n\r\n0x5\r\nabcde\r\n0\r\n\r\n"),
+    ("TE not final chunked", b"POST / HTTP/1.1\r\nHost: hdr.test\r\nTransfer-Encoding: chunked, identity\r\n\r\n"),
+    ("bare LF", b"GET / HTTP/1.1\nHost: hdr.test\n\n"),
+])
+def test_smuggling_inputs_are_refused_with_400_and_close(world, name, request_bytes):
+    out = raw(world, request_bytes)
+    assert out.startswith(b"HTTP/1.1 400 "), (name, out[:200])
+    assert b"Connection: close" in out
+    assert b'"backend"' not in out   # nothing reached the backend
+
+
+def test_header_section_over_the_limit_is_431(world):
+    out = raw(world, b"GET / HTTP/1.1\r\nHost: hdr.test\r\nX-Big: " + b"a" * 40_000 + b"\r\n\r\n")
+    assert out.startswith(b"HTTP/1.1 431 ")
+    out = raw(world, b"GET / HTTP/1.1\r\nHost: hdr.test\r\n" + b"X-N: 1\r\n" * 150 + b"\r\n")
+    assert out.startswith(b"HTTP/1.1 431 ")
+
+
+def test_body_over_the_limit_is_413(world):
+    out = raw(world, b"POST / HTTP/1.1\r\nHost: hdr.test\r\nContent-Length: 2000000\r\n\r\n")
+    assert out.startswith(b"HTTP/1.1 413 ")
+    status, _, _ = get(world, "hdr.test", "/", method="POST", body=b"z" * 2_000_000)
+    assert status == 413
+
+
+def test_bad_upstream_response_is_502(world):
+    status, body, _ = get(world, "hdr.test", "/garbage")
+    assert status == 502 and "bad response" in body
+
+
+def test_silent_upstream_is_504(world):
+    started = time.monotonic()
+    status, _, _ = get(world, "hdr.test", "/slow")
+    assert status == 504 and time.monotonic() - started < 2.9
+
+
+def test_slow_client_gets_408(world):
+    with socket.create_connection(("127.0.0.1", world.port), timeout=10) as s:
+        s.sendall(b"GET / HTTP/1.1\r\nHost: hdr")
+        out = s.recv(4096)
+    assert out.startswith(b"HTTP/1.1 408 ")
+
+
+# ------------------------------------------------------------------------------ upgrade
+
+def test_websocket_upgrade_becomes_a_two_way_pipe(world):
+    with socket.create_connection(("127.0.0.1", world.port), timeout=10) as s:
+        s.sendall(b"GET /chat HTTP/1.1\r\nHost: ws.test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+                  b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += s.recv(4096)
+        assert head.startswith(b"HTTP/1.1 101 ") and b"Upgrade: websocket" in head
+        for word in (b"hello", b"again"):
+            s.sendall(word)
+            assert s.recv(100) == word.upper()
+        s.shutdown(socket.SHUT_WR)   # half-close passes through; the backend then closes
+        assert s.recv(100) == b""
+
+
+# ------------------------------------------------------------------------------ TLS
+
+def tls_get(world, server_name: str, host: str) -> tuple[dict, bytes]:
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    with socket.create_connection(("127.0.0.1", world.ports["https"]), timeout=10) as raw_sock:
+        with ctx.wrap_socket(raw_sock, server_hostname=server_name) as s:
+            der = s.getpeercert(binary_form=True)
+            s.sendall(b"GET /tls HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n" % host.encode())
+            out = b""
+            while chunk := s.recv(65536):
+                out += chunk
+    pem = ssl.DER_cert_to_PEM_cert(der)
+    text = subprocess.run(["openssl", "x509", "-noout", "-subject"], input=pem, capture_output=True,
+                          text=True, check=True).stdout
+    return text, out
+
+
+def test_tls_certificate_chosen_by_sni_and_default_for_unknown_names(world):
+    subject_a, out_a = tls_get(world, "a.test", "a.test")
+    subject_b, out_b = tls_get(world, "b.test", "b.test")
+    subject_x, _ = tls_get(world, "unknown.test", "a.test")
+    assert "CN = a.test" in subject_a and "CN = b.test" in subject_b
+    assert "netplane-ingress-default" in subject_x
+    assert out_a.startswith(b"HTTP/1.1 200") and b"pod: pod-a" in out_a
+    assert out_b.startswith(b"HTTP/1.1 200") and b"pod: pod-b" in out_b
+
+
+def test_tls_requests_are_forwarded_with_proto_https(world):
+    _, out = tls_get(world, "hdr.test", "hdr.test")
+    headers = {k.lower(): v for k, v in json.loads(out[out.index(b"{"):])["headers"]}
+    assert headers["x-forwarded-proto"] == "https" and headers["x-forwarded-port"] == str(world.ports["https"])
+
+
+# ------------------------------------------------------------------------------ health, workers
+
+def test_health_and_metrics(world):
+    status, body, _ = get(world, "x", "/healthz", port=world.ports["health"])
+    assert status == 200 and "synced" in body
+    get(world, "nope.test")
+    status, body, _ = get(world, "x", "/metrics", port=world.ports["health"])
+    assert status == 200 and 'netplane_ingress_responses_total{code="404"}' in body
+
+
+def test_access_log_has_one_line_per_request(world):
+    get(world, "a.test", "/access-log-probe")
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline:
+        lines = [json.loads(line) for line in Path(world.ports["log"]).read_text().splitlines()
+                 if "access-log-probe" in line]
+        if lines:
+            break
+        time.sleep(0.05)
+    assert lines and lines[0]["status"] == 200 and lines[0]["host"] == "a.test"
+    assert lines[0]["upstream"] == f"127.0.0.1:{world.echo_a}" and lines[0]["ingress"] == "default/main"
+
+
+def test_workers_share_the_port_with_so_reuseport(world):
+    ports = world.ingress(world.objects, "--no-access-log", workers=2, health=True)
+    deadline = time.monotonic() + 10
+    while True:
+        status, body, _ = get(world, "x", "/healthz", port=ports["health"])
+        if status == 200 or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert status == 200 and "2/2 workers ready" in body
+    for _ in range(20):   # new connections each time: the kernel spreads them over both workers
+        status, body, _ = get(world, "hdr.test", "/w", port=ports["http"])
+        assert status == 200
+    out = subprocess.run(["ss", "-ltnpH", f"sport = :{ports['http']}"], capture_output=True, text=True).stdout
+    assert len(out.strip().splitlines()) == 2, out   # two listening sockets on one port
