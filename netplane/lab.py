@@ -37,6 +37,7 @@ HOST_ADDRESS = "192.168.56.1"
 FIRST_NODE_HOST = 10
 API_PORT = 6443
 CLUSTER_CIDR = "10.244.0.0/16"
+SERVICE_CIDR = "10.96.0.0/12"
 SYSTEM_MANIFEST = Path(__file__).with_name("manifests") / "system.yaml"
 CONTROL_PLANE_TAINT = "node-role.kubernetes.io/control-plane=:NoSchedule"
 CONTROL_PLANE_LABEL = "node-role.kubernetes.io/control-plane="
@@ -147,7 +148,8 @@ def start_node(node: LabNode, server: str) -> None:
     start_process(f"agent-{node.name}", node, netplane_argv(*agent))
     start_process(f"proxy-{node.name}", node, netplane_argv(
         "proxy", "run", "--server", server, "--node-name", node.name, "--node-ip", node.address,
-        "--cluster-cidr", CLUSTER_CIDR, "--health-listen", f"{node.address}:10256"))
+        "--cluster-cidr", CLUSTER_CIDR, "--service-cidr", SERVICE_CIDR,
+        "--health-listen", f"{node.address}:10256"))
 
 
 def http_ok(url: str) -> bool:
