@@ -18,6 +18,7 @@ COMMANDS = {
     "proxy": ("netplane.proxy.cli:main", "the service proxy: render, sync, run"),
     "dns": ("netplane.dns.cli:main", "the cluster DNS server"),
     "ingress": ("netplane.ingress.cli:main", "the ingress HTTP proxy"),
+    "store": ("netplane.storecmd:main", "back up and restore the store: snapshot FILE, restore FILE"),
     "echo": ("netplane.echo:main", "the netplane/echo image: an HTTP server that says who answered"),
 }
 
