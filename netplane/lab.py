@@ -379,7 +379,10 @@ def main(argv: list[str]) -> int:
     p_exec = sub.add_parser("exec", help="run a command in a pod's or node's namespace")
     p_exec.add_argument("target")
     p_exec.add_argument("-n", "--namespace", default="default")
-    p_exec.add_argument("command", nargs=argparse.REMAINDER)
+    command: list[str] = []
+    if "--" in argv:  # everything after -- is the command, flags and all
+        split = argv.index("--")
+        argv, command = argv[:split], argv[split + 1:]
     args = parser.parse_args(argv)
     if args.cmd == "up":
         return up(args.nodes, args.timeout)
@@ -390,7 +393,6 @@ def main(argv: list[str]) -> int:
     if args.cmd == "kubeconfig":
         print(LAB_DIR / "kubeconfig")
         return 0
-    command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         parser.error("exec needs a command after --")
     return exec_in(args.target, args.namespace, command)

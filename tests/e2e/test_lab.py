@@ -27,14 +27,22 @@ NODES = lab.lab_nodes(3)
 SERVER = lab.api_url(NODES)
 
 
-def leftovers() -> list[str]:
-    found = [f"netns {n}" for n in netns.list_named()]
-    found += [f"link {n}" for n in os.listdir("/sys/class/net") if n.startswith("np-")]
+def lab_pids() -> set[int]:
+    """Every process in a lab namespace (daemons and pods)."""
+    return {pid for name in netns.list_named() if lab.is_lab_name(name) for pid in netns.pids(name)}
+
+
+def leftovers(pids: set[int] = frozenset()) -> list[str]:
+    """What of the lab is still on the machine: namespaces, links, /etc/netns, root nft tables, processes."""
+    found = [f"netns {n}" for n in netns.list_named() if lab.is_lab_name(n)]
+    found += [f"link {n}" for n in os.listdir("/sys/class/net") if lab.is_lab_name(n)]
+    if os.path.isdir("/etc/netns"):
+        found += [f"/etc/netns/{n}" for n in os.listdir("/etc/netns") if lab.is_lab_name(n)]
     tables = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True).stdout
     found += [f"nft {line}" for line in tables.splitlines() if "netplane" in line]
-    procs = subprocess.run(["pgrep", "-af", "netplane (apiserver|agent|proxy|controller-manager|scheduler"
-                            "|dns|ingress|echo)"], capture_output=True, text=True).stdout
-    found += [f"process {line}" for line in procs.splitlines()]
+    found += [f"process {pid}" for pid in pids if os.path.exists(f"/proc/{pid}")]
+    if lab.LAB_DIR.exists():
+        found.append(f"dir {lab.LAB_DIR}")
     return found
 
 
@@ -173,6 +181,8 @@ def test_bad_manifest_is_refused_and_nothing_stored(running_lab, tmp_path):
 
 def test_lab_down_leaves_nothing(running_lab):
     """Runs last in this module: take the lab down and check the machine is as we found it."""
+    pids = lab_pids()
+    assert len(pids) >= 8, pids  # apiserver, controllers, scheduler, agents, proxies, pods
     out = netplane("lab", "down", check=False)
     assert out.returncode == 0, out.stderr
-    assert leftovers() == []
+    assert leftovers(pids) == []
