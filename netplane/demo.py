@@ -62,6 +62,13 @@ def curl_in_pod(pod: str, url: str) -> dict:
     return parse_echo(in_pod(pod, ["curl", "-sS", "--max-time", "3", url]))
 
 
+def curl_many_in_pod(pod: str, url: str, count: int) -> list[dict]:
+    """`count` requests from inside a pod in one go (one exec, a curl per request: new connections)."""
+    script = f'for i in $(seq {count}); do curl -sS --max-time 3 "$0"; echo "---"; done'
+    out = in_pod(pod, ["sh", "-c", script, url])
+    return [parse_echo(part) for part in out.split("---\n") if part.strip()]
+
+
 async def _ready_replicas(server: str, name: str, namespace: str) -> tuple[int, int]:
     async with Client(server) as client:
         deploy = await client.get("Deployment", name, namespace)
@@ -128,8 +135,7 @@ def main() -> int:
 
     hop("ClusterIP: 30 requests from pod 'client' to http://echo/ (search path -> ClusterIP -> nft DNAT -> a pod)")
     seen = collections.Counter()
-    for _ in range(30):
-        reply = curl_in_pod("client", "http://echo/")
+    for reply in curl_many_in_pod("client", "http://echo/", 30):
         seen[(reply["pod"], reply["node"])] += 1
     for (pod, node), count in sorted(seen.items()):
         print(f"  {count:2d} answers from {pod} on {node}")

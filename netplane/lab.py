@@ -298,8 +298,13 @@ def down() -> int:
         except (ProcessLookupError, PermissionError):
             pass
     names = [n for n in netns.list_named() if is_lab_name(n)]
+    killed = [pid for name in names for pid in netns.pids(name)]
     for name in names:
         netns.kill_processes(name)
+    try:  # SIGKILL is asynchronous: wait until they are gone, so "down" means down
+        wait_until(lambda: not any(_alive(pid) for pid in killed), 5, "the lab's processes to exit", 0.05)
+    except TimeoutError as err:
+        say(f"warning: {err}")
     for name in names:
         netns.run(["ip", "netns", "delete", name], check=False)
         removed.append(f"netns {name}")
@@ -327,6 +332,14 @@ def _recorded_pids() -> list[tuple[int, str]]:
     except OSError:
         return []
     return [(int(pid), name) for pid, name in (line.split(" ", 1) for line in lines if line)]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def is_lab_name(name: str) -> bool:

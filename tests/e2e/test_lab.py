@@ -16,7 +16,7 @@ import pytest
 
 from netplane import lab, netns
 from netplane.client import Client
-from netplane.demo import (curl_in_pod, ensure_probe_pod, http_get, in_pod, netplane, parse_echo,
+from netplane.demo import (curl_in_pod, curl_many_in_pod, ensure_probe_pod, http_get, in_pod, netplane, parse_echo,
                            wait_deployment)
 from tests.conftest import needs_root
 
@@ -40,7 +40,7 @@ def leftovers(pids: set[int] = frozenset()) -> list[str]:
         found += [f"/etc/netns/{n}" for n in os.listdir("/etc/netns") if lab.is_lab_name(n)]
     tables = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True).stdout
     found += [f"nft {line}" for line in tables.splitlines() if "netplane" in line]
-    found += [f"process {pid}" for pid in pids if os.path.exists(f"/proc/{pid}")]
+    found += [f"process {pid}" for pid in pids if lab._alive(pid)]
     if lab.LAB_DIR.exists():
         found.append(f"dir {lab.LAB_DIR}")
     return found
@@ -85,10 +85,7 @@ def pods_of(app: str) -> dict[str, dict]:
 
 
 def answering_pods(url: str, count: int) -> collections.Counter:
-    seen = collections.Counter()
-    for _ in range(count):
-        seen[curl_in_pod("client", url)["pod"]] += 1
-    return seen
+    return collections.Counter(reply["pod"] for reply in curl_many_in_pod("client", url, count))
 
 
 def test_pod_resolves_service_through_kube_dns(running_lab):
@@ -99,12 +96,10 @@ def test_pod_resolves_service_through_kube_dns(running_lab):
 
 
 def test_clusterip_spreads_over_pods_on_both_workers(running_lab):
-    seen = collections.Counter()
-    nodes = set()
-    for _ in range(30):
-        reply = curl_in_pod("client", "http://echo.default.svc.cluster.local/")
-        seen[reply["pod"]] += 1
-        nodes.add(reply["node"])
+    replies = curl_many_in_pod("client", "http://echo.default.svc.cluster.local/", 30)
+    assert len(replies) == 30
+    seen = collections.Counter(reply["pod"] for reply in replies)
+    nodes = {reply["node"] for reply in replies}
     assert len(seen) >= 2, seen
     assert {"worker-1", "worker-2"} <= nodes, nodes
     assert set(seen) <= set(pods_of("echo"))
