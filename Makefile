@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 APT_PACKAGES := iproute2 nftables iptables conntrack curl dnsutils iputils-ping procps psmisc util-linux python3-venv \
-	openssl nginx-light wrk
+	openssl nginx-light wrk dnsperf dnsmasq-base
 PYTEST_ARGS ?=
 
 .PHONY: all deps apt venv demo test test-unit down clean
