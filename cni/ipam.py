@@ -1,0 +1,192 @@
+"""Built-in IPAM: which address a pod gets (pure) and where allocations live (a directory on disk).
+
+The on-disk layout is host-local's, so an operator who knows one knows the other:
+<dataDir>/<network>/<ip> holds "<containerID>\\r\\n<ifname>", last_reserved_ip.<range set index>
+remembers where round-robin continues, and every change happens under flock(<dir>/lock).
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import ipaddress
+import os
+from collections import namedtuple
+
+from .config import IpamConf, Range, RangeSet
+from .spec import IO_FAILURE, NO_FREE_ADDRESS, CniError
+
+LOCK_FILE = "lock"
+LAST_RESERVED_PREFIX = "last_reserved_ip."
+
+
+Owner = namedtuple("Owner", "container_id ifname")
+
+
+class Pick(namedtuple("Pick", "ip range index new")):
+    """The address (ip) chosen from range set number `index` and the Range it is in; new: whether
+    this ADD reserved it (else the owner already had it)."""
+    __slots__ = ()
+
+    @property
+    def cidr(self) -> str:
+        return f"{self.ip}/{self.range.subnet.prefixlen}"
+
+
+# ---- pure -----------------------------------------------------------------------------------------
+
+def candidates(range_set: RangeSet, last_reserved=None):
+    """Every allocatable address of the set once, starting right after `last_reserved` (round-robin)
+    and wrapping around; gateways are never handed out."""
+    ranges = range_set.ranges
+    first = 0
+    resume_at = None
+    if last_reserved is not None:
+        for i, r in enumerate(ranges):
+            if r.contains(last_reserved):
+                first, resume_at = i, int(last_reserved) + 1
+                break
+    make = type(ranges[0].gateway)
+    order = list(range(first, len(ranges))) + list(range(0, first + 1))
+    for step, i in enumerate(order):
+        r = ranges[i]
+        lo, hi = r.start, r.end
+        if step == 0 and resume_at is not None:
+            lo = resume_at
+        elif step == len(order) - 1:
+            # Back at the range we started in: only the part before the resume point is left.
+            if resume_at is None:
+                return
+            hi = resume_at - 1
+        gateway = int(r.gateway)
+        for value in range(lo, hi + 1):
+            if value != gateway:
+                yield make(value)
+
+
+def choose(range_set: RangeSet, taken, last_reserved=None):
+    """The next free address of the set after `last_reserved`; error 100 when there is none."""
+    for ip in candidates(range_set, last_reserved):
+        if ip not in taken:
+            return ip
+    raise CniError(NO_FREE_ADDRESS, f"no free address in {range_set.describe()}")
+
+
+def plan(ipam: IpamConf, allocations: dict, last_reserved: dict, owner: Owner) -> list:
+    """One Pick per range set: the owner's existing address in that set if it has one (asking again
+    gets the same address), else the next free one round-robin."""
+    picks = []
+    taken = set(allocations)
+    for index, range_set in enumerate(ipam.range_sets):
+        mine = sorted(ip for ip, who in allocations.items()
+                      if who == owner and range_set.range_of(ip) is not None)
+        if mine:
+            picks.append(Pick(mine[0], range_set.range_of(mine[0]), index, new=False))
+            continue
+        ip = choose(range_set, taken, last_reserved.get(index))
+        taken.add(ip)
+        picks.append(Pick(ip, range_set.range_of(ip), index, new=True))
+    return picks
+
+
+def parse_owner(text: str) -> Owner:
+    lines = [line.strip() for line in text.splitlines()]
+    return Owner(lines[0] if lines else "", lines[1] if len(lines) > 1 else "")
+
+
+def owned_by(who: Owner, container_id: str, ifname: str) -> bool:
+    # Files written with only the container id (old host-local) belong to every ifname of it.
+    return who.container_id == container_id and who.ifname in (ifname, "")
+
+
+# ---- the directory --------------------------------------------------------------------------------
+
+class Store:
+    def __init__(self, data_dir: str, network: str, lock_file: str = LOCK_FILE):
+        self.dir = os.path.join(data_dir, network)
+        self.lock_file = lock_file
+
+    def locked(self) -> "_Lock":
+        """`with store.locked():` holds flock(<dir>/lock) for the whole of one command, so parallel
+        ADDs of many pods are serialised per network."""
+        return _Lock(self)
+
+    def allocations(self) -> dict:
+        """{ip: Owner} for every allocation file in the directory."""
+        out = {}
+        try:
+            names = os.listdir(self.dir)
+        except FileNotFoundError:
+            return out
+        for name in names:
+            try:
+                ip = ipaddress.ip_address(name)
+            except ValueError:
+                continue
+            try:
+                with open(os.path.join(self.dir, name)) as f:
+                    out[ip] = parse_owner(f.read())
+            except FileNotFoundError:
+                continue
+        return out
+
+    def last_reserved(self, count: int) -> dict:
+        out = {}
+        for index in range(count):
+            try:
+                with open(os.path.join(self.dir, f"{LAST_RESERVED_PREFIX}{index}")) as f:
+                    out[index] = ipaddress.ip_address(f.read().strip())
+            except (FileNotFoundError, ValueError):
+                pass
+        return out
+
+    def reserve(self, pick: Pick, owner: Owner) -> None:
+        path = os.path.join(self.dir, str(pick.ip))
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        except OSError as e:
+            if e.errno == errno.EEXIST:
+                raise CniError(IO_FAILURE, f"{pick.ip} is already allocated ({path} exists)")
+            raise CniError(IO_FAILURE, f"cannot write {path}: {e}")
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{owner.container_id}\r\n{owner.ifname}")
+        self._write(f"{LAST_RESERVED_PREFIX}{pick.index}", str(pick.ip))
+
+    def release(self, ip) -> None:
+        try:
+            os.unlink(os.path.join(self.dir, str(ip)))
+        except FileNotFoundError:
+            pass
+
+    def release_owner(self, container_id: str, ifname: str) -> list:
+        """Release every address of (container, ifname); unknown is fine (DEL is idempotent)."""
+        released = [ip for ip, who in self.allocations().items() if owned_by(who, container_id, ifname)]
+        for ip in released:
+            self.release(ip)
+        return released
+
+    def _write(self, name: str, text: str) -> None:
+        # Written aside and renamed, so a crash never leaves a half-written file.
+        tmp = os.path.join(self.dir, f".{name}.tmp")
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, os.path.join(self.dir, name))
+
+
+class _Lock:
+    """flock as a context manager (contextlib costs ~4 ms of imports per exec)."""
+
+    def __init__(self, store: Store):
+        self.store = store
+        self.fd = -1
+
+    def __enter__(self) -> Store:
+        try:
+            os.makedirs(self.store.dir, mode=0o755, exist_ok=True)
+            self.fd = os.open(os.path.join(self.store.dir, self.store.lock_file), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as e:
+            raise CniError(IO_FAILURE, f"cannot open the IPAM lock in {self.store.dir}: {e}")
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        return self.store
+
+    def __exit__(self, *exc) -> None:
+        os.close(self.fd)   # closing the only descriptor releases the flock
