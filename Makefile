@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 APT_PACKAGES := iproute2 nftables iptables conntrack curl dnsutils iputils-ping procps psmisc util-linux python3-venv \
-	openssl nginx-light wrk dnsperf dnsmasq-base
+	openssl nginx-light wrk dnsperf dnsmasq-base containernetworking-plugins podman runc busybox-static
 PYTEST_ARGS ?=
 
 .PHONY: all deps apt venv demo test test-unit down clean
@@ -18,7 +18,7 @@ apt:
 	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 		echo "installing: $$missing"; \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
 
 venv: $(VENV)/.installed

@@ -101,7 +101,7 @@ def start_process(name: str, node: LabNode, argv: list[str], env: dict | None = 
     logs = LAB_DIR / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     log_file = open(logs / f"{name}.log", "ab")
-    proc = subprocess.Popen(netns.in_netns(node.netns, argv), stdout=log_file, stderr=subprocess.STDOUT,
+    proc = subprocess.Popen(netns.enter(node.netns, argv), stdout=log_file, stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL, start_new_session=True,
                             env={**os.environ, **(env or {})})
     log_file.close()
@@ -138,11 +138,19 @@ def start_control_plane(node: LabNode) -> str:
     return server
 
 
+def install_cni_plugin(directory: Path) -> None:
+    """The fast netplane-cni launcher (no site start-up), as a CNI runtime finds plugins: in a bin dir."""
+    from netplane.cni.install import install
+    directory.mkdir(parents=True, exist_ok=True)
+    install(str(directory))
+
+
 def start_node(node: LabNode, server: str) -> None:
     state = LAB_DIR / "nodes" / node.name
     state.mkdir(parents=True, exist_ok=True)
     agent = ["agent", "--server", server, "--node-name", node.name, "--node-ip", node.address,
-             "--state-dir", str(state), "--health-listen", f"{node.address}:10248"]
+             "--state-dir", str(state), "--health-listen", f"{node.address}:10248",
+             "--cni-bin-dir", str(LAB_DIR / "cni-bin")]
     if node.control_plane:
         agent += ["--register-with-taints", CONTROL_PLANE_TAINT, "--node-labels", CONTROL_PLANE_LABEL]
     start_process(f"agent-{node.name}", node, netplane_argv(*agent))
@@ -229,6 +237,7 @@ def up(node_count: int, timeout: float) -> int:
         build_underlay(nodes)
         say(f"[2/5] control plane in {nodes[0].netns}: apiserver {api_url(nodes)}, controller-manager, scheduler")
         server = start_control_plane(nodes[0])
+        install_cni_plugin(LAB_DIR / "cni-bin")
         kubeconfig = LAB_DIR / "kubeconfig"
         kubeconfig.write_text(kubeconfig_text(server))
         say(f"[3/5] nodes: agent + proxy on each of {', '.join(n.name for n in nodes)}")

@@ -35,6 +35,15 @@ def in_netns(netns: str | None, argv: Sequence[str]) -> list[str]:
     return ["ip", "netns", "exec", netns, *argv]
 
 
+def enter(netns: str, argv: Sequence[str]) -> list[str]:
+    """The argv that runs `argv` in the named namespace's network only (no new mount namespace).
+
+    For daemons that create namespaces themselves (the node agent): `ip netns exec` would give
+    them a private mount namespace, hiding the /run/netns mounts they make from everyone else.
+    """
+    return ["nsenter", f"--net={os.path.join(NETNS_DIR, netns)}", "--", *argv]
+
+
 def run(argv: Sequence[str], netns: str | None = None, check: bool = True,
         input: str | None = None, timeout: float | None = 60) -> subprocess.CompletedProcess:
     full = in_netns(netns, argv)
