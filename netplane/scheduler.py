@@ -49,8 +49,26 @@ def pods_per_node(pods: list[dict]) -> dict[str, int]:
     return counts
 
 
-def choose_node(pod: dict, nodes: list[dict], load: dict[str, int]) -> tuple[str | None, str]:
-    """(node name, "") for the least-loaded fitting node, ties by name; or (None, why not)."""
+def controller_uid(pod: dict) -> str | None:
+    return next((ref.get("uid") for ref in pod["metadata"].get("ownerReferences") or [] if ref.get("controller")),
+                None)
+
+
+def siblings_per_node(pod: dict, pods: list[dict]) -> dict[str, int]:
+    """Per node, the pods of the same controller (ReplicaSet) already there."""
+    owner = controller_uid(pod)
+    if owner is None:
+        return {}
+    return pods_per_node([p for p in pods if controller_uid(p) == owner])
+
+
+def choose_node(pod: dict, nodes: list[dict], load: dict[str, int],
+                siblings: dict[str, int] | None = None) -> tuple[str | None, str]:
+    """(node name, "") for the best fitting node; or (None, why not).
+
+    Best: fewest pods of the same controller (spread replicas, as kube-scheduler's default
+    topology spreading does), then least loaded, then by name."""
+    siblings = siblings or {}
     wanted = pod.get("spec", {}).get("nodeSelector") or {}
     fitting, reasons = [], {}
     for node in nodes:
@@ -69,7 +87,7 @@ def choose_node(pod: dict, nodes: list[dict], load: dict[str, int]) -> tuple[str
     if not fitting:
         detail = "; ".join(f"{n}: {r}" for n, r in sorted(reasons.items())) or "no nodes"
         return None, f"0/{len(nodes)} nodes are available: {detail}"
-    return min(fitting, key=lambda n: (load.get(n, 0), n)), ""
+    return min(fitting, key=lambda n: (siblings.get(n, 0), load.get(n, 0), n)), ""
 
 
 def needs_scheduling(pod: dict) -> bool:
@@ -104,7 +122,7 @@ class Scheduler:
             key = key_of(pod)
             if not needs_scheduling(pod) or key in self.recent:
                 continue
-            node, why = choose_node(pod, nodes, load)
+            node, why = choose_node(pod, nodes, load, self.siblings(pod, pods))
             try:
                 if node is None:
                     await self.report_unschedulable(pod, why)
@@ -116,6 +134,17 @@ class Scheduler:
                 log.info("bound %s/%s to %s", *key, node)
             except APIError as err:
                 log.warning("binding %s/%s failed: %s", *key, err)
+
+    def siblings(self, pod: dict, pods: list[dict]) -> dict[str, int]:
+        """Siblings per node, counting this process's bindings the watch has not shown yet."""
+        counts = siblings_per_node(pod, pods)
+        owner = controller_uid(pod)
+        by_key = {key_of(p): p for p in pods}
+        for key, (node, _when) in self.recent.items():
+            other = by_key.get(key)
+            if other is not None and not other.get("spec", {}).get("nodeName") and controller_uid(other) == owner:
+                counts[node] = counts.get(node, 0) + 1
+        return counts
 
     async def report_unschedulable(self, pod: dict, why: str) -> None:
         key = key_of(pod)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import os
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -47,7 +48,7 @@ def leftovers(pids: set[int] = frozenset()) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def running_lab():
+def running_lab(tmp_path_factory):
     assert not leftovers(), f"the machine is not clean before the lab test: {leftovers()}"
     up = netplane("lab", "up", "--nodes", "3", check=False)
     try:
@@ -60,7 +61,16 @@ def running_lab():
         ensure_probe_pod(SERVER)
         yield
     finally:
+        keep_logs(tmp_path_factory.mktemp("lab-logs"))
         netplane("lab", "down", check=False)
+
+
+def keep_logs(where: Path) -> None:
+    """The daemons' logs outlive `lab down` in pytest's temp dir, for reading after a failure."""
+    logs = lab.LAB_DIR / "logs"
+    if logs.exists():
+        shutil.copytree(logs, where, dirs_exist_ok=True)
+        print(f"lab logs kept in {where}")
 
 
 def _logs() -> str:

@@ -51,3 +51,16 @@ def test_node_selector_and_load_counting():
     pods = [pod("1", "a"), pod("2", "a"), pod("3", "b"), pod("4", "b", phase="Succeeded"), pod("5")]
     assert s.pods_per_node(pods) == {"a": 2, "b": 1}
     assert s.needs_scheduling(pod()) and not s.needs_scheduling(pod(node_name="a"))
+
+
+def test_replicas_of_one_controller_are_spread_before_load_is_balanced():
+    owned = lambda name, node_name=None: {**pod(name, node_name),
+                                          "metadata": {"name": name, "namespace": "default",
+                                                       "ownerReferences": [{"uid": "rs1", "controller": True}]}}
+    pods = [owned("a", "w1"), pod("sys1", "w2"), pod("sys2", "w2")]
+    siblings = s.siblings_per_node(owned("new"), pods)
+    assert siblings == {"w1": 1}
+    load = s.pods_per_node(pods)
+    # w1 is less loaded, but already holds a replica: the new one goes to w2
+    assert s.choose_node(owned("new"), [node("w1"), node("w2")], load, siblings)[0] == "w2"
+    assert s.choose_node(pod("lone"), [node("w1"), node("w2")], load, s.siblings_per_node(pod("lone"), pods))[0] == "w1"
