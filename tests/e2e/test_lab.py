@@ -184,8 +184,9 @@ def test_bad_manifest_is_refused_and_nothing_stored(running_lab, tmp_path):
     assert netplane("get", "service", "no-ports", check=False).returncode != 0
 
 
-def test_lab_down_leaves_nothing(running_lab):
+def test_lab_down_leaves_nothing(running_lab, tmp_path_factory):
     """Runs last in this module: take the lab down and check the machine is as we found it."""
+    keep_logs(tmp_path_factory.mktemp("lab-logs"))
     pids = lab_pids()
     assert len(pids) >= 8, pids  # apiserver, controllers, scheduler, agents, proxies, pods
     out = netplane("lab", "down", check=False)
