@@ -461,3 +461,19 @@ class CoalescingRunner:
                 log.exception("sync failed; retrying in %.1fs", self.retry_interval)
                 await asyncio.sleep(self.retry_interval)
                 self._dirty.set()
+
+
+async def watch_and_sync(server: str, kind_names: Iterable[str], make_sync: Callable[[Client, View], Callable],
+                         stop: asyncio.Event, min_interval: float = 0.1, periodic: float | None = None) -> None:
+    """The usual reconcile daemon: watch `kind_names`, and after any change (coalesced) call the sync
+    function that `make_sync(client, view)` returns, until `stop` is set."""
+    client = Client(server)
+    view = WatchView(client, kind_names)
+    runner = CoalescingRunner(make_sync(client, view), min_interval=min_interval, periodic=periodic)
+    view.add_listener(runner.request)
+    await view.start()
+    try:
+        await runner.run(stop)
+    finally:
+        await view.stop()
+        await client.close()

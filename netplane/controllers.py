@@ -439,7 +439,7 @@ class ControllerManager:
 
 def main(argv: list[str]) -> int:
     from netplane import daemon
-    from netplane.client import Client, CoalescingRunner, WatchView, resolve_server
+    from netplane.client import resolve_server, watch_and_sync
 
     parser = argparse.ArgumentParser(prog="netplane controller-manager")
     parser.add_argument("--server")
@@ -451,16 +451,8 @@ def main(argv: list[str]) -> int:
     settings = Settings(args.cluster_cidr, args.node_cidr_mask_size)
 
     async def run(stop: asyncio.Event) -> None:
-        client = Client(resolve_server(args.server))
-        view = WatchView(client, KINDS)
-        manager = ControllerManager(client, view, settings)
-        runner = CoalescingRunner(manager.sync, min_interval=0.05, periodic=5.0)
-        view.add_listener(runner.request)
-        await view.start()
-        try:
-            await runner.run(stop)
-        finally:
-            await view.stop()
-            await client.close()
+        await watch_and_sync(resolve_server(args.server), KINDS,
+                             lambda client, view: ControllerManager(client, view, settings).sync,
+                             stop, min_interval=0.05, periodic=5.0)
 
     return daemon.run(run, "controller-manager", args.health_listen)

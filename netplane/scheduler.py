@@ -159,7 +159,7 @@ class Scheduler:
 
 def main(argv: list[str]) -> int:
     from netplane import daemon
-    from netplane.client import Client, CoalescingRunner, WatchView, resolve_server
+    from netplane.client import resolve_server, watch_and_sync
 
     parser = argparse.ArgumentParser(prog="netplane scheduler")
     parser.add_argument("--server")
@@ -168,16 +168,8 @@ def main(argv: list[str]) -> int:
     daemon.setup_logging("scheduler")
 
     async def run(stop: asyncio.Event) -> None:
-        client = Client(resolve_server(args.server))
-        view = WatchView(client, ["Pod", "Node"])
-        scheduler = Scheduler(client, view)
-        runner = CoalescingRunner(scheduler.sync, min_interval=0.02, periodic=5.0)
-        view.add_listener(runner.request)
-        await view.start()
-        try:
-            await runner.run(stop)
-        finally:
-            await view.stop()
-            await client.close()
+        await watch_and_sync(resolve_server(args.server), ["Pod", "Node"],
+                             lambda client, view: Scheduler(client, view).sync,
+                             stop, min_interval=0.02, periodic=5.0)
 
     return daemon.run(run, "scheduler", args.health_listen)

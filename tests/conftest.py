@@ -32,3 +32,74 @@ def make_netns():
     yield make
     for name in reversed(made):
         netns.delete(name)
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RunningAPIServer:
+    """A real `netplane apiserver` on loopback with a temporary store, and a sync call helper."""
+
+    def __init__(self, tmp_path):
+        import subprocess
+        import sys
+        import time
+        import urllib.request
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.processes: list = []
+        self.start([sys.executable, "-m", "netplane", "apiserver", "--listen", f"127.0.0.1:{self.port}",
+                    "--db", str(tmp_path / "store.db"), "--advertise-address", "192.0.2.10"],
+                   tmp_path / "apiserver.log")
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                with urllib.request.urlopen(f"{self.url}/healthz", timeout=1):
+                    break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"apiserver did not start: {(tmp_path / 'apiserver.log').read_text()}")
+                time.sleep(0.05)
+        self._subprocess = subprocess
+
+    def start(self, argv, log_path):
+        """Start another process (a controller, a daemon) that is stopped with the server."""
+        import subprocess
+        log = open(log_path, "ab")
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        log.close()
+        self.processes.append(proc)
+        return proc
+
+    def call(self, method: str, *args, **kwargs):
+        import asyncio
+        from netplane.client import Client
+
+        async def run():
+            async with Client(self.url) as client:
+                return await getattr(client, method)(*args, **kwargs)
+        return asyncio.run(run())
+
+    def stop(self):
+        for proc in reversed(self.processes):
+            proc.terminate()
+        for proc in self.processes:
+            try:
+                proc.wait(timeout=5)
+            except Exception:
+                proc.kill()
+                proc.wait()
+
+
+@pytest.fixture
+def api_server(tmp_path):
+    server = RunningAPIServer(tmp_path)
+    try:
+        yield server
+    finally:
+        server.stop()
