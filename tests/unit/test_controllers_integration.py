@@ -8,15 +8,15 @@ import time
 
 from netplane.controllers import SERVICE_NAME_LABEL
 
-NOW = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-
-
 def node(name):
     return {"apiVersion": "v1", "kind": "Node", "metadata": {"name": name}}
 
 
 def ready_status():
-    return {"status": {"conditions": [{"type": "Ready", "status": "True", "lastHeartbeatTime": NOW}]}}
+    # A fresh heartbeat: the node lifecycle controller marks a node NotReady once its beat is older
+    # than the grace period, and a timestamp taken at import would be stale in a long run.
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    return {"status": {"conditions": [{"type": "Ready", "status": "True", "lastHeartbeatTime": now}]}}
 
 
 DEPLOYMENT = {
