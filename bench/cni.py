@@ -4,9 +4,10 @@
 
 Makes a throwaway node namespace (np-bench-...) and pod namespaces, re-enters itself inside the node
 (as a runtime on that node would exec plugins), and times each exec of ADD and DEL for --pods pods,
-once per plugin: netplane-cni through its launcher (`python -m netplane.cni.install`), netplane-cni
-through pip's console script, and the reference pair (Debian's containernetworking-plugins). Prints
-p50/p95 and the ratios to the reference. --cycles N also runs N ADD/DEL cycles of netplane-cni (with
+once per plugin: netplane-cni through its launcher (`python -m netplane.cni.install`) with the node's
+resident helper running (as under the node agent) and without one (standalone), netplane-cni through
+pip's console script, and the reference pair (Debian's containernetworking-plugins). Prints p50/p95
+and the ratios to the reference. --cycles N also runs N ADD/DEL cycles of netplane-cni (with
 ipMasq) and checks that no allocation, link or nft table is left. Everything is removed at the end.
 """
 from __future__ import annotations
@@ -23,7 +24,7 @@ import uuid
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SUBNET = "10.250.0.0/16"
-CANDIDATES = 3   # launcher, console script, reference
+CANDIDATES = 4   # launcher with the node helper, launcher standalone, console script, reference
 
 
 def network_config(name: str, plugin_type: str, ipam_type: str, bridge: str, data_dir: str, **extra) -> dict:
@@ -33,9 +34,10 @@ def network_config(name: str, plugin_type: str, ipam_type: str, bridge: str, dat
 
 
 def call(plugin: str, command: str, conf: dict, container_id: str, netns_path: str, cni_path: str,
-         ifname: str = "eth0") -> float:
+         ifname: str = "eth0", extra_env: dict | None = None) -> float:
     env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"), "CNI_COMMAND": command,
-           "CNI_CONTAINERID": container_id, "CNI_NETNS": netns_path, "CNI_IFNAME": ifname, "CNI_PATH": cni_path}
+           "CNI_CONTAINERID": container_id, "CNI_NETNS": netns_path, "CNI_IFNAME": ifname, "CNI_PATH": cni_path,
+           **(extra_env or {})}
     start = time.perf_counter()
     proc = subprocess.run([plugin], input=json.dumps(conf), env=env, capture_output=True, text=True)
     elapsed = time.perf_counter() - start
@@ -51,22 +53,22 @@ def percentile(values: list, fraction: float) -> float:
 
 def measure(candidates: list, pods: list) -> list:
     """ADD then DEL of every pod, the candidates interleaved pod by pod so that each sees the same load
-    on the machine. candidates: (label, plugin path, config, CNI_PATH); each has its own bridge, subnet
-    and pod namespaces (pods[k] for candidate k)."""
+    on the machine. candidates: (label, plugin path, config, CNI_PATH, extra environment); each has its
+    own bridge, subnet and pod namespaces (pods[k] for candidate k)."""
     tag = uuid.uuid4().hex[:6]
-    rows = [{"label": label, "add": [], "del": []} for label, _, _, _ in candidates]
+    rows = [{"label": label, "add": [], "del": []} for label, *_ in candidates]
     for command in ("ADD", "DEL"):
         for i in range(len(pods[0])):
-            for k, (row, (_, plugin, conf, cni_path)) in enumerate(zip(rows, candidates)):
+            for k, (row, (_, plugin, conf, cni_path, extra_env)) in enumerate(zip(rows, candidates)):
                 row[command.lower()].append(call(plugin, command, conf, f"{tag}-{k}-{i}", f"/run/netns/{pods[k][i]}",
-                                                 cni_path))
+                                                 cni_path, extra_env=extra_env))
     return rows
 
 
-def cycles(plugin: str, conf: dict, pod: str, count: int) -> str:
+def cycles(plugin: str, conf: dict, pod: str, count: int, extra_env: dict) -> str:
     for i in range(count):
-        call(plugin, "ADD", conf, f"cycle-{i}", f"/run/netns/{pod}", "")
-        call(plugin, "DEL", conf, f"cycle-{i}", f"/run/netns/{pod}", "")
+        call(plugin, "ADD", conf, f"cycle-{i}", f"/run/netns/{pod}", "", extra_env=extra_env)
+        call(plugin, "DEL", conf, f"cycle-{i}", f"/run/netns/{pod}", "", extra_env=extra_env)
     links = json.loads(subprocess.run(["ip", "-j", "link", "show"], capture_output=True, text=True).stdout)
     leftover_links = sorted(e["ifname"] for e in links if e["ifname"].startswith("np-"))
     directory = os.path.join(conf["ipam"]["dataDir"], conf["name"])
@@ -79,17 +81,18 @@ def cycles(plugin: str, conf: dict, pod: str, count: int) -> str:
 
 def report(rows: list) -> None:
     reference = rows[-1]
-    print(f"{'plugin':<34}{'ADD p50':>9}{'ADD p95':>9}{'DEL p50':>9}{'DEL p95':>9}{'ADD x':>8}{'DEL x':>8}")
+    print(f"{'plugin':<38}{'ADD p50':>9}{'ADD p95':>9}{'DEL p50':>9}{'DEL p95':>9}{'ADD x':>8}{'DEL x':>8}")
     for row in rows:
         add50, del50 = percentile(row["add"], 0.5), percentile(row["del"], 0.5)
         ratio_add = add50 / percentile(reference["add"], 0.5)
         ratio_del = del50 / percentile(reference["del"], 0.5)
-        print(f"{row['label']:<34}{add50 * 1000:>7.1f}ms{percentile(row['add'], 0.95) * 1000:>7.1f}ms"
+        print(f"{row['label']:<38}{add50 * 1000:>7.1f}ms{percentile(row['add'], 0.95) * 1000:>7.1f}ms"
               f"{del50 * 1000:>7.1f}ms{percentile(row['del'], 0.95) * 1000:>7.1f}ms{ratio_add:>7.2f}x{ratio_del:>7.2f}x")
 
 
 def inside(args) -> None:
     """Runs in the node namespace."""
+    from netplane.cni import forward, helper
     work = args.work
     names = args.pod_names.split(",")
     pods = [names[k * args.pods:(k + 1) * args.pods] for k in range(CANDIDATES)]
@@ -98,17 +101,31 @@ def inside(args) -> None:
     ours = network_config("np-bench", "netplane-cni", "netplane", "cni0", os.path.join(work, "ipam"))
     reference = network_config("np-bench-ref", "bridge", "host-local", "cni1", os.path.join(work, "ipam-ref"))
     reference["ipam"]["ranges"] = [[{"subnet": "10.252.0.0/16"}]]
-    candidates = [("netplane-cni (launcher)", launcher, ours, ""),
-                  ("netplane-cni (pip console script)", console, {**ours, "name": "np-bench2", "bridge": "cni2",
-                   "ipam": {**ours["ipam"], "ranges": [[{"subnet": "10.251.0.0/16"}]]}}, "")]
+
+    def another(name: str, bridge: str, subnet: str) -> dict:
+        return {**ours, "name": name, "bridge": bridge, "ipam": {**ours["ipam"], "ranges": [[{"subnet": subnet}]]}}
+
+    helper_name = f"np-bench-{os.getpid()}"
+    with_helper = {forward.HELPER_ENV: helper_name}
+    standalone = {forward.HELPER_ENV: ""}
+    candidates = [("netplane-cni (launcher, node helper)", launcher, ours, "", with_helper),
+                  ("netplane-cni (launcher, standalone)", launcher, another("np-bench3", "cni3", "10.253.0.0/16"), "",
+                   standalone),
+                  ("netplane-cni (pip console script)", console, another("np-bench2", "cni2", "10.251.0.0/16"), "",
+                   standalone)]
     reference_bridge = os.path.join(args.reference_dir, "bridge")
-    if os.access(reference_bridge, os.X_OK):
-        candidates.append(("reference bridge + host-local", reference_bridge, reference, args.reference_dir))
-        report(measure(candidates, pods))
-    else:
-        print(f"no reference plugins in {args.reference_dir} (apt-get install containernetworking-plugins)")
-    if args.cycles:
-        print(cycles(launcher, {**ours, "ipMasq": True}, pods[0][0], args.cycles))
+    helper_process = helper.start(helper_name)   # as the node agent runs it
+    try:
+        if os.access(reference_bridge, os.X_OK):
+            candidates.append(("reference bridge + host-local", reference_bridge, reference, args.reference_dir, {}))
+            report(measure(candidates, pods))
+        else:
+            print(f"no reference plugins in {args.reference_dir} (apt-get install containernetworking-plugins)")
+        if args.cycles:
+            print(cycles(launcher, {**ours, "ipMasq": True}, pods[0][0], args.cycles, with_helper))
+    finally:
+        helper_process.terminate()
+        helper_process.wait()
 
 
 def main() -> int:
@@ -120,10 +137,10 @@ def main() -> int:
     parser.add_argument("--work", help=argparse.SUPPRESS)
     parser.add_argument("--pod-names", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    sys.path.insert(0, REPO)
     if args.inside:
         inside(args)
         return 0
-    sys.path.insert(0, REPO)
     from netplane.cni import install
     tag = uuid.uuid4().hex[:5]
     node = f"np-bench-{tag}"

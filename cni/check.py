@@ -5,17 +5,15 @@
 """
 from __future__ import annotations
 
-import ipaddress
-
 from . import jsonlite as json
-from . import ipam, link, masq
+from . import ipam, ipnet, link, masq
 from .proc import run
 
 
 def _route_key(dst: str, gw) -> tuple:
     if dst == "default" or not dst:
         dst = "::/0" if gw and ":" in str(gw) else "0.0.0.0/0"
-    return str(ipaddress.ip_network(dst, strict=False)), str(gw or "")
+    return str(ipnet.ip_network(dst, strict=False)), str(gw or "")
 
 
 def _pod_index(prev: dict, ifname: str) -> int | None:
@@ -39,7 +37,7 @@ def compare_pod(prev: dict, ifname: str, pod_link, routes: list) -> list:
     if not pod_link.up:
         problems.append(f"{ifname} is down")
     for ip in prev.get("ips") or []:
-        if ip.get("interface") == index and ipaddress.ip_interface(ip["address"]) not in pod_link.addresses:
+        if ip.get("interface") == index and ipnet.ip_interface(ip["address"]) not in pod_link.addresses:
             problems.append(f"{ifname} lacks address {ip['address']}")
     present = {_route_key(r.get("dst", ""), r.get("gateway")) for r in routes
                if r.get("table", "main") == "main" and r.get("type", "unicast") == "unicast"}
@@ -79,12 +77,12 @@ def problems(conf, env, store: ipam.Store, host: str) -> list:
 def _ipam_problems(conf, env, store: ipam.Store, prev: dict) -> list:
     if not conf.ipam.builtin:
         from . import delegate
-        delegate.call("CHECK", conf.ipam.type, env.path, conf.raw)
+        delegate.call("CHECK", conf.ipam.type, env, conf.raw)
         return []
     allocations = store.allocations()
     out = []
     for ip in prev.get("ips") or []:
-        address = ipaddress.ip_interface(ip["address"]).ip
+        address = ipnet.ip_interface(ip["address"]).ip
         who = allocations.get(address)
         if who is None or not ipam.owned_by(who, env.container_id, env.ifname):
             out.append(f"{address} is not allocated to {env.container_id}/{env.ifname} in {store.dir}")

@@ -4,11 +4,8 @@ Pure. Every bad field raises CniError naming the field: code 7 for an invalid co
 field we know but do not support with that value. Unknown keys are ignored, as the spec asks
 (runtimes pass fields of other plugins through).
 """
-from __future__ import annotations
-
-import ipaddress
-from collections import namedtuple
-
+from . import ipnet
+from .record import record
 from .spec import (ID_PATTERN, INVALID_NETWORK_CONFIG, UNSUPPORTED_FIELD, CniError, check_version,
                    valid_id, validate_ifname)
 
@@ -29,9 +26,9 @@ def bad(field: str, why: str) -> CniError:
     return CniError(INVALID_NETWORK_CONFIG, f"invalid network config: {field}: {why}")
 
 
-class Range(namedtuple("Range", "subnet start end gateway")):
-    """subnet: an ipaddress network; start, end: the first and last allocatable address as ints;
-    gateway: an ipaddress address (never handed out)."""
+class Range(record("Range", "subnet start end gateway")):
+    """subnet: an ipnet.Network; start, end: the first and last allocatable address as ints;
+    gateway: an ipnet.Address (never handed out)."""
     __slots__ = ()
 
     @property
@@ -42,7 +39,7 @@ class Range(namedtuple("Range", "subnet start end gateway")):
         return ip.version == self.version and self.start <= int(ip) <= self.end
 
 
-class RangeSet(namedtuple("RangeSet", "ranges")):
+class RangeSet(record("RangeSet", "ranges")):
     """Ranges of one family; a pod gets one address from each range set."""
     __slots__ = ()
 
@@ -57,11 +54,11 @@ class RangeSet(namedtuple("RangeSet", "ranges")):
         return ", ".join(str(r.subnet) for r in self.ranges)
 
 
-# dst: an ipaddress network; gw: an ipaddress address or None (then: the gateway of dst's family)
-RouteConf = namedtuple("RouteConf", "dst gw")
+# dst: an ipnet.Network; gw: an ipnet.Address or None (then: the gateway of dst's family)
+RouteConf = record("RouteConf", "dst gw")
 
 
-class IpamConf(namedtuple("IpamConf", "type range_sets routes data_dir")):
+class IpamConf(record("IpamConf", "type range_sets routes data_dir")):
     """range_sets: RangeSets and routes: RouteConfs (built-in IPAM only; another type is delegated)."""
     __slots__ = ()
 
@@ -71,7 +68,7 @@ class IpamConf(namedtuple("IpamConf", "type range_sets routes data_dir")):
 
 
 # raw is the whole request, passed as is to a delegated IPAM plugin.
-NetConf = namedtuple("NetConf", "cni_version name bridge is_gateway is_default_gateway force_address "
+NetConf = record("NetConf", "cni_version name bridge is_gateway is_default_gateway force_address "
                                 "ip_masq hairpin promisc mtu ipam dns prev_result raw")
 
 
@@ -184,7 +181,7 @@ def _range(raw, where: str) -> Range:
     if not isinstance(raw, dict):
         raise bad(where, "must be an object with a subnet")
     try:
-        subnet = ipaddress.ip_network(raw.get("subnet", ""), strict=True)
+        subnet = ipnet.ip_network(raw.get("subnet", ""), strict=True)
     except (TypeError, ValueError) as e:
         raise bad(f"{where}.subnet", f"{raw.get('subnet')!r} is not a network address in CIDR form ({e})")
     if subnet.num_addresses < 4:
@@ -196,7 +193,7 @@ def _range(raw, where: str) -> Range:
     gateway = _address_in(raw, "gateway", subnet, where, first)
     if not first <= start <= end <= last:
         raise bad(where, f"rangeStart..rangeEnd must be usable addresses of {subnet}, start <= end")
-    return Range(subnet, start, end, subnet.network_address.__class__(gateway))
+    return Range(subnet, start, end, ipnet.Address(subnet.version, gateway))
 
 
 def _address_in(raw: dict, key: str, subnet, where: str, default: int) -> int:
@@ -204,7 +201,7 @@ def _address_in(raw: dict, key: str, subnet, where: str, default: int) -> int:
     if value is None or value == "":
         return default
     try:
-        ip = ipaddress.ip_address(value)
+        ip = ipnet.ip_address(value)
     except (TypeError, ValueError):
         raise bad(f"{where}.{key}", f"{value!r} is not an IP address")
     if ip not in subnet:
@@ -216,13 +213,13 @@ def _route(raw, where: str) -> RouteConf:
     if not isinstance(raw, dict):
         raise bad(where, "must be an object with dst")
     try:
-        dst = ipaddress.ip_network(raw.get("dst", ""), strict=False)
+        dst = ipnet.ip_network(raw.get("dst", ""), strict=False)
     except (TypeError, ValueError):
         raise bad(f"{where}.dst", f"{raw.get('dst')!r} is not a network in CIDR form")
     gw = raw.get("gw")
     if gw:
         try:
-            gw = ipaddress.ip_address(gw)
+            gw = ipnet.ip_address(gw)
         except (TypeError, ValueError):
             raise bad(f"{where}.gw", f"{gw!r} is not an IP address")
         if gw.version != dst.version:

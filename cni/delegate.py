@@ -2,9 +2,9 @@
 (same environment but CNI_COMMAND, the whole request on stdin) and pass its errors through."""
 from __future__ import annotations
 
-import ipaddress
 import os
 
+from . import ipnet
 from . import jsonlite as json
 from .config import RouteConf
 from .proc import run
@@ -20,10 +20,11 @@ def find(plugin_type: str, cni_path) -> str:
                    f"invalid network config: ipam.type: no plugin {plugin_type!r} in CNI_PATH {list(cni_path)}")
 
 
-def call(command: str, plugin_type: str, cni_path, request: dict) -> dict | None:
-    """Run the IPAM plugin; its result (ADD) or None; its error JSON becomes our CniError."""
-    env = dict(os.environ, CNI_COMMAND=command)
-    code, out, err = run([find(plugin_type, cni_path)], json.dumps(request), check=False, env=env)
+def call(command: str, plugin_type: str, env, request: dict) -> dict | None:
+    """Run the IPAM plugin with our environment (env: a spec.Env) but CNI_COMMAND; its result (ADD) or
+    None; its error JSON becomes our CniError."""
+    environ = dict(env.environ, CNI_COMMAND=command)
+    code, out, err = run([find(plugin_type, env.path)], json.dumps(request), check=False, env=environ)
     if code != 0:
         try:
             reply = json.loads(out)
@@ -45,8 +46,8 @@ def routes(result: dict) -> list:
     out = []
     for i, entry in enumerate(result.get("routes") or []):
         try:
-            gw = ipaddress.ip_address(entry["gw"]) if entry.get("gw") else None
-            out.append(RouteConf(ipaddress.ip_network(entry["dst"], strict=False), gw))
+            gw = ipnet.ip_address(entry["gw"]) if entry.get("gw") else None
+            out.append(RouteConf(ipnet.ip_network(entry["dst"], strict=False), gw))
         except (KeyError, TypeError, ValueError):
             raise CniError(INTERNAL, f"ipam result routes[{i}] is not a dst/gw pair: {entry!r}")
     return out
@@ -57,8 +58,8 @@ def addresses(result: dict) -> list:
     out = []
     for i, entry in enumerate(result.get("ips") or []):
         try:
-            address = ipaddress.ip_interface(entry["address"])
-            gateway = ipaddress.ip_address(entry["gateway"]) if entry.get("gateway") else None
+            address = ipnet.ip_interface(entry["address"])
+            gateway = ipnet.ip_address(entry["gateway"]) if entry.get("gateway") else None
         except (KeyError, TypeError, ValueError):
             raise CniError(INTERNAL, f"ipam result ips[{i}] is not an address/gateway pair: {entry!r}")
         out.append((address, gateway))

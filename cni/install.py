@@ -4,7 +4,11 @@ pip's console script (.venv/bin/netplane-cni) starts the interpreter with site i
 editable install that alone is ~15-20 ms, more than the reference bridge plugin's whole ADD, paid once
 per pod. The launcher runs the real interpreter with -I -S (no site, no user paths, no PYTHON*
 variables) and points the import system straight at this package, so an exec costs the interpreter's
-bare start-up (~8 ms) plus the plugin's own work.
+bare start-up (~7 ms) plus the plugin's own work. It first offers ADD and DEL to the node's resident
+helper (forward.py, helper.py), and runs the plugin itself only when none answers; it exits without
+the interpreter's finalization (plugin.main_and_exit). Installing also compiles the package's bytecode into
+its __pycache__ (where the launcher's imports look), so no pod pays for compiling it, even where
+PYTHONDONTWRITEBYTECODE is set for everything else.
 """
 from __future__ import annotations
 
@@ -24,8 +28,10 @@ sys.path[:0] = [{netplane_parent!r}]
 package = type(sys)("netplane.cni")
 package.__path__ = [{cni_dir!r}]
 sys.modules["netplane.cni"] = package
-from netplane.cni.plugin import main
-sys.exit(main())
+from netplane.cni.forward import forward_or_read_stdin
+stdin = forward_or_read_stdin()   # returns only when no node helper took the command
+from netplane.cni.plugin import main_and_exit
+main_and_exit(stdin)
 """
 
 
@@ -37,8 +43,17 @@ def launcher_text(python: str | None = None) -> str:
         cni_dir=os.path.dirname(os.path.abspath(netplane.cni.__file__)))
 
 
+def compile_bytecode() -> bool:
+    """Compile netplane/__init__.py and the plugin package for this interpreter; False when it could not
+    (a read-only installation: then pip compiled them, or each exec compiles what it imports)."""
+    import compileall
+    ok = compileall.compile_file(os.path.abspath(netplane.__file__), quiet=2)
+    return bool(compileall.compile_dir(os.path.dirname(os.path.abspath(netplane.cni.__file__)), quiet=2)) and bool(ok)
+
+
 def install(directory: str) -> str:
-    """Write DIR/netplane-cni (atomically, mode 755); returns its path."""
+    """Write DIR/netplane-cni (atomically, mode 755) after compiling the bytecode; returns its path."""
+    compile_bytecode()
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, NAME)
     tmp = f"{path}.tmp{os.getpid()}"

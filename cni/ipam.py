@@ -4,25 +4,24 @@ The on-disk layout is host-local's, so an operator who knows one knows the other
 <dataDir>/<network>/<ip> holds "<containerID>\\r\\n<ifname>", last_reserved_ip.<range set index>
 remembers where round-robin continues, and every change happens under flock(<dir>/lock).
 """
-from __future__ import annotations
-
 import errno
 import fcntl
-import ipaddress
 import os
-from collections import namedtuple
 
+from . import ipnet
 from .config import IpamConf, Range, RangeSet
+from .record import record
 from .spec import IO_FAILURE, NO_FREE_ADDRESS, CniError
 
 LOCK_FILE = "lock"
 LAST_RESERVED_PREFIX = "last_reserved_ip."
+_ADDRESS_FIRST = frozenset("0123456789abcdefABCDEF:")   # how the name of an allocation file can start
 
 
-Owner = namedtuple("Owner", "container_id ifname")
+Owner = record("Owner", "container_id ifname")
 
 
-class Pick(namedtuple("Pick", "ip range index new")):
+class Pick(record("Pick", "ip range index new")):
     """The address (ip) chosen from range set number `index` and the Range it is in; new: whether
     this ADD reserved it (else the owner already had it)."""
     __slots__ = ()
@@ -45,7 +44,7 @@ def candidates(range_set: RangeSet, last_reserved=None):
             if r.contains(last_reserved):
                 first, resume_at = i, int(last_reserved) + 1
                 break
-    make = type(ranges[0].gateway)
+    version = range_set.version
     order = list(range(first, len(ranges))) + list(range(0, first + 1))
     for step, i in enumerate(order):
         r = ranges[i]
@@ -60,7 +59,7 @@ def candidates(range_set: RangeSet, last_reserved=None):
         gateway = int(r.gateway)
         for value in range(lo, hi + 1):
             if value != gateway:
-                yield make(value)
+                yield ipnet.Address(version, value)
 
 
 def choose(range_set: RangeSet, taken, last_reserved=None):
@@ -117,25 +116,25 @@ class Store:
             names = os.listdir(self.dir)
         except FileNotFoundError:
             return out
+        prefix = self.dir + "/"
         for name in names:
+            if name[0] not in _ADDRESS_FIRST:
+                continue   # lock, last_reserved_ip.N: skipped without the cost of a parse error
             try:
-                ip = ipaddress.ip_address(name)
+                ip = ipnet.ip_address(name)
             except ValueError:
                 continue
-            try:
-                with open(os.path.join(self.dir, name)) as f:
-                    out[ip] = parse_owner(f.read())
-            except FileNotFoundError:
-                continue
+            text = _read(prefix + name)
+            if text is not None:
+                out[ip] = parse_owner(text)
         return out
 
     def last_reserved(self, count: int) -> dict:
         out = {}
         for index in range(count):
             try:
-                with open(os.path.join(self.dir, f"{LAST_RESERVED_PREFIX}{index}")) as f:
-                    out[index] = ipaddress.ip_address(f.read().strip())
-            except (FileNotFoundError, ValueError):
+                out[index] = ipnet.ip_address((_read(os.path.join(self.dir, f"{LAST_RESERVED_PREFIX}{index}")) or "").strip())
+            except ValueError:
                 pass
         return out
 
@@ -147,8 +146,10 @@ class Store:
             if e.errno == errno.EEXIST:
                 raise CniError(IO_FAILURE, f"{pick.ip} is already allocated ({path} exists)")
             raise CniError(IO_FAILURE, f"cannot write {path}: {e}")
-        with os.fdopen(fd, "w") as f:
-            f.write(f"{owner.container_id}\r\n{owner.ifname}")
+        try:
+            os.write(fd, f"{owner.container_id}\r\n{owner.ifname}".encode())
+        finally:
+            os.close(fd)
         self._write(f"{LAST_RESERVED_PREFIX}{pick.index}", str(pick.ip))
 
     def release(self, ip) -> None:
@@ -165,11 +166,26 @@ class Store:
         return released
 
     def _write(self, name: str, text: str) -> None:
-        # Written aside and renamed, so a crash never leaves a half-written file.
-        tmp = os.path.join(self.dir, f".{name}.tmp")
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, os.path.join(self.dir, name))
+        # In place, as host-local does (a rename costs more than the rest of the IPAM step): a crash
+        # mid-write leaves a file that does not parse, and round-robin then starts over. No harm.
+        fd = os.open(os.path.join(self.dir, name), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        try:
+            os.write(fd, text.encode())
+        finally:
+            os.close(fd)
+
+
+def _read(path: str) -> str | None:
+    """A small file's text, or None when it is gone (os.read: open() would build a text stream per
+    allocation file, and ADD reads every one)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    try:
+        return os.read(fd, 4096).decode(errors="replace")
+    finally:
+        os.close(fd)
 
 
 class _Lock:

@@ -5,8 +5,6 @@ on every exec of the plugin, about as long as the reference plugin's whole ADD. 
 encoding themselves are done by CPython's C accelerator `_json` either way; this module calls it
 directly, with the same settings json.loads/json.dumps use by default. Elsewhere, the json package.
 """
-from __future__ import annotations
-
 try:
     from _json import encode_basestring_ascii, make_encoder, make_scanner
 except ImportError:  # not CPython: the real thing
@@ -30,7 +28,8 @@ else:
     def loads(text) -> object:
         """Parse one JSON document; ValueError (naming the position) when it is not one."""
         if isinstance(text, (bytes, bytearray)):
-            text = text.decode("utf-8-sig")
+            text = text.decode()   # utf-8 (already loaded); "utf-8-sig" would load its codec
+            text = text[1:] if text[:1] == "\ufeff" else text
         start = len(text) - len(text.lstrip(_WHITESPACE))
         try:
             value, end = _scan(text, start)

@@ -17,7 +17,7 @@ def table_name(network: str) -> str:
 
 
 def render(network: str, subnets: list) -> str:
-    """The whole table for these pod subnets (ipaddress networks)."""
+    """The whole table for these pod subnets (ipnet.Network values)."""
     table = f"inet {table_name(network)}"
     rules = []
     for subnet in subnets:

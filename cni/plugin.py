@@ -6,20 +6,20 @@ nothing behind; DEL treats "already gone" as done. Every command holds the netwo
 parallel ADDs of many pods are safe (and the bridge and the masquerade table are created and removed
 by one pod at a time).
 
-Kept light on purpose: this module and everything it imports use only small stdlib modules (see
-`python -X importtime -m netplane.cni.plugin`); kernel work is done by iproute2 and nft.
+Kept light on purpose: a plugin is exec'd once per pod, so this module and everything it imports use
+only small stdlib modules, mostly their C cores (see `python -X importtime -m netplane.cni.plugin`;
+the modules ADD and DEL load even go without `from __future__ import annotations`, whose import costs
+0.2 ms). Links, addresses and routes go to the kernel over netlink from this process (link.py,
+netlink.py); only ipMasq (nft) and CHECK (ip) exec a tool. Under a node agent, the launcher hands ADD
+and DEL to the agent's resident helper (helper.py), which runs `run` below with everything loaded.
 """
-from __future__ import annotations
-
-import ipaddress
 import os
 import sys
 from _sha1 import sha1  # hashlib would load OpenSSL (~5 ms) on every exec
-from collections import namedtuple
 
 from . import jsonlite as json  # json without its ~9 ms import (see jsonlite)
-from . import config, ipam, link, masq
-from .proc import which
+from . import config, ipam, ipnet, link
+from .record import record
 from .spec import (DECODING_FAILURE, INCOMPATIBLE_VERSION, INTERNAL, INVALID_ENVIRONMENT,
                    INVALID_NETWORK_CONFIG, LATEST_VERSION, NOT_AVAILABLE, CniError, Env, Interface, IPConfig,
                    Route, parse_env, result_json, version_json, version_tuple)
@@ -31,8 +31,8 @@ DELEGATED_LOCK_FILE = "netplane-cni.lock"
 _FORWARDING = {4: "/proc/sys/net/ipv4/ip_forward", 6: "/proc/sys/net/ipv6/conf/all/forwarding"}
 
 
-# address: an ipaddress.ip_interface (10.244.1.5/24); gateway: an ipaddress address or None
-Assigned = namedtuple("Assigned", "address gateway")
+# address: an ipnet.Interface (10.244.1.5/24); gateway: an ipnet.Address or None
+Assigned = record("Assigned", "address gateway")
 
 
 def host_veth_name(container_id: str, ifname: str) -> str:
@@ -61,8 +61,8 @@ class Undo:
         self.steps.clear()
 
 
-def _maybe_fail(step: str) -> None:
-    if os.environ.get(FAIL_AFTER_ENV) == step:
+def _maybe_fail(env: Env, step: str) -> None:
+    if env.environ.get(FAIL_AFTER_ENV) == step:
         raise CniError(INTERNAL, f"injected failure after step {step!r} ({FAIL_AFTER_ENV})")
 
 
@@ -107,17 +107,17 @@ def cmd_add(env: Env, data: dict) -> dict:
 
 def _add(conf, env: Env, store: ipam.Store, undo: Undo) -> dict:
     assigned, routes, dns = _allocate(conf, env, store, undo)
-    _maybe_fail("ipam")
+    _maybe_fail(env, "ipam")
     if conf.is_gateway:
         _enable_forwarding({a.address.version for a in assigned}, undo)
-    _maybe_fail("forward")
+    _maybe_fail(env, "forward")
     interfaces = _connect(conf, env, assigned, undo)
-    _maybe_fail("links")
+    _maybe_fail(env, "links")
     link.run_batch(link.plan_pod(env.ifname, [a.address for a in assigned], routes), undo.ip_line, env.netns)
-    _maybe_fail("pod")
+    _maybe_fail(env, "pod")
     if conf.ip_masq:
         _masquerade(conf, env, assigned, store, undo)
-    _maybe_fail("masq")
+    _maybe_fail(env, "masq")
     ips = [IPConfig(str(a.address), str(a.gateway) if a.gateway else None, 2) for a in assigned]
     return result_json(conf.cni_version, interfaces, ips, routes, dns or conf.dns)
 
@@ -145,8 +145,8 @@ def _allocate(conf, env: Env, store: ipam.Store, undo: Undo) -> tuple:
     """(addresses, routes for the pod, dns) from the built-in IPAM or the delegated plugin."""
     if not conf.ipam.builtin:
         from . import delegate
-        result = delegate.call("ADD", conf.ipam.type, env.path, conf.raw)
-        undo.push(f"ipam {conf.ipam.type} DEL", delegate.call, "DEL", conf.ipam.type, env.path, conf.raw)
+        result = delegate.call("ADD", conf.ipam.type, env, conf.raw)
+        undo.push(f"ipam {conf.ipam.type} DEL", delegate.call, "DEL", conf.ipam.type, env, conf.raw)
         assigned = [Assigned(a, gw) for a, gw in delegate.addresses(result)]
         return assigned, _routes(conf, assigned, delegate.routes(result)), result.get("dns") or {}
     owner = env_owner(env)
@@ -160,7 +160,7 @@ def _allocate(conf, env: Env, store: ipam.Store, undo: Undo) -> tuple:
 
 
 def _interface(cidr: str):
-    return ipaddress.ip_interface(cidr)
+    return ipnet.ip_interface(cidr)
 
 
 def _routes(conf, assigned: list, given) -> list:
@@ -192,6 +192,7 @@ def _enable_forwarding(versions: set, undo: Undo) -> None:
 
 
 def _masquerade(conf, env: Env, assigned: list, store: ipam.Store, undo: Undo) -> None:
+    from . import masq   # nft is exec'd only with ipMasq: its module loads only then
     masq.apply(conf.name, _pod_subnets(conf, assigned))
     undo.push("masquerade table", _remove_masq_if_unused, conf, store, env_owner(env))
 
@@ -213,6 +214,7 @@ def _remove_masq_if_unused(conf, store: ipam.Store, leaving: ipam.Owner | None =
     else:
         in_use = any(n.startswith(HOST_VETH_PREFIX) for n in link.links_with_master(conf.bridge))
     if not in_use:
+        from . import masq
         masq.remove(conf.name)
 
 
@@ -223,7 +225,8 @@ def cmd_del(env: Env, data: dict) -> None:
     with _store(conf).locked() as store:
         host = host_veth_name(env.container_id, env.ifname)
         names = [host] + [n for n in _prev_host_links(conf) if n != host]
-        found = [link.delete_link(name) for name in names]
+        # Done once the kernel has unregistered the pair; its ~20 ms clean-up goes on without us.
+        found = [link.delete_link_detached(name) for name in names]
         if not any(found) and env.netns and os.path.exists(env.netns):
             # The host end was renamed or made by someone else: remove the pod's end directly.
             link.delete_link(env.ifname, env.netns)
@@ -231,7 +234,7 @@ def cmd_del(env: Env, data: dict) -> None:
             store.release_owner(env.container_id, env.ifname)
         else:
             from . import delegate
-            delegate.call("DEL", conf.ipam.type, env.path, conf.raw)
+            delegate.call("DEL", conf.ipam.type, env, conf.raw)
         if conf.ip_masq:
             _remove_masq_if_unused(conf, store)
     return None
@@ -266,8 +269,9 @@ def cmd_status(env: Env, data: dict) -> None:
     _needs_version(conf, (1, 1, 0), "STATUS")
     if not conf.ipam.builtin:
         from . import delegate
-        delegate.call("STATUS", conf.ipam.type, env.path, conf.raw)
+        delegate.call("STATUS", conf.ipam.type, env, conf.raw)
         return None
+    from .proc import which
     for tool in ("ip", "nsenter") + (("nft",) if conf.ip_masq else ()):
         if which(tool) is None:
             raise CniError(NOT_AVAILABLE, f"{tool} is not installed")
@@ -300,7 +304,7 @@ def cmd_gc(env: Env, data: dict) -> None:
                     store.release(ip)
         else:
             from . import delegate
-            delegate.call("GC", conf.ipam.type, env.path, conf.raw)
+            delegate.call("GC", conf.ipam.type, env, conf.raw)
         if conf.ip_masq:
             _remove_masq_if_unused(conf, store)
     if errors:
@@ -331,30 +335,41 @@ def _decode(raw: bytes, command: str) -> dict:
     return data
 
 
-def main(argv=None) -> int:
+def run(environ, stdin: bytes) -> tuple:
+    """One command: (exit code, what to print on stdout). Also the node helper's entry (helper.py)."""
     error_version = LATEST_VERSION
     try:
-        env = parse_env(os.environ)
-        data = _decode(sys.stdin.buffer.read(), env.command)
+        env = parse_env(environ)
+        data = _decode(stdin, env.command)
         if isinstance(data.get("cniVersion"), str) and data["cniVersion"]:
             error_version = data["cniVersion"]
         result = VERBS[env.command](env, data)
     except CniError as e:
-        _print(e.to_json(error_version))
-        return 1
+        return 1, _json_line(e.to_json(error_version))
     except Exception as e:  # a bug: still answer in the spec's shape, with the trace on stderr
         import traceback
         traceback.print_exc()
-        _print(CniError(INTERNAL, f"internal error: {type(e).__name__}: {e}").to_json(error_version))
-        return 1
-    if result is not None:
-        _print(result)
-    return 0
+        return 1, _json_line(CniError(INTERNAL, f"internal error: {type(e).__name__}: {e}").to_json(error_version))
+    return 0, "" if result is None else _json_line(result)
 
 
-def _print(obj: dict) -> None:
-    sys.stdout.write(json.dumps(obj) + "\n")
+def _json_line(obj: dict) -> str:
+    return json.dumps(obj) + "\n"
+
+
+def main(argv=None, stdin: bytes | None = None) -> int:
+    code, out = run(os.environ, sys.stdin.buffer.read() if stdin is None else stdin)
+    sys.stdout.write(out)
     sys.stdout.flush()
+    return code
+
+
+def main_and_exit(stdin: bytes | None = None) -> None:
+    """main(), then exit without the interpreter's finalization (tearing down every module and object
+    costs ~1.5 ms per exec, for a process that is about to vanish). The launcher's entry point."""
+    code = main(stdin=stdin)
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

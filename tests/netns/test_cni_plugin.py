@@ -1,5 +1,7 @@
 """netplane-cni for real: exec'd as a CNI runtime does, inside a throwaway "node" namespace (entered with
-`ip netns exec`, like the lab's agents), wiring throwaway pod namespaces; checked with ip, nft and ping."""
+`ip netns exec`, like the lab's agents), wiring throwaway pod namespaces; checked with ip, nft and ping.
+Every test runs twice: with the plugin doing the work itself (standalone) and with a node helper
+running in the node namespace, to which the launcher forwards ADD and DEL (as under the node agent)."""
 from __future__ import annotations
 
 import concurrent.futures
@@ -12,7 +14,7 @@ import subprocess
 import pytest
 
 from netplane import netns
-from netplane.cni import install, plugin
+from netplane.cni import forward, helper, install, plugin
 from tests.conftest import needs_root
 
 pytestmark = [needs_root, pytest.mark.netns]
@@ -30,10 +32,11 @@ def plugin_path(tmp_path_factory) -> str:
 
 
 class Node:
-    """A node namespace where the plugin runs, with its own IPAM directory."""
+    """A node namespace where the plugin runs, with its own IPAM directory; helper_name: the node
+    helper's socket name ("" for none)."""
 
-    def __init__(self, name: str, data_dir: str, plugin_path: str):
-        self.name, self.data_dir, self.plugin_path = name, data_dir, plugin_path
+    def __init__(self, name: str, data_dir: str, plugin_path: str, helper_name: str = ""):
+        self.name, self.data_dir, self.plugin_path, self.helper_name = name, data_dir, plugin_path, helper_name
 
     def conf(self, ranges=(V4,), **changes) -> dict:
         conf = {"cniVersion": "1.0.0", "name": NETWORK, "type": "netplane-cni", "bridge": "cni0",
@@ -48,7 +51,8 @@ class Node:
         """(exit code, parsed stdout) of one plugin exec."""
         env = {**os.environ, "CNI_COMMAND": command, "CNI_CONTAINERID": container_id, "CNI_IFNAME": ifname,
                "CNI_PATH": "/usr/lib/cni",
-               "CNI_NETNS": netns_path if netns_path is not None else (f"/run/netns/{pod}" if pod else "")}
+               "CNI_NETNS": netns_path if netns_path is not None else (f"/run/netns/{pod}" if pod else ""),
+               forward.HELPER_ENV: self.helper_name}
         env.update(extra_env)
         stdin = conf if isinstance(conf, str) else json.dumps(conf)
         proc = subprocess.run(["ip", "netns", "exec", self.name, self.plugin_path], input=stdin, env=env,
@@ -100,9 +104,19 @@ def with_prev(conf: dict, result: dict) -> dict:
     return {**conf, "prevResult": result}
 
 
-@pytest.fixture
-def node(make_netns, tmp_path, plugin_path) -> Node:
-    return Node(make_netns("cn"), str(tmp_path / "ipam"), plugin_path)
+@pytest.fixture(params=["standalone", "helper"])
+def node(request, make_netns, tmp_path, plugin_path):
+    name = make_netns("cn")
+    if request.param == "standalone":
+        yield Node(name, str(tmp_path / "ipam"), plugin_path)
+        return
+    helper_name = f"{name}-helper"
+    process = helper.start(helper_name, netns_cmd=["ip", "netns", "exec", name])
+    try:
+        yield Node(name, str(tmp_path / "ipam"), plugin_path, helper_name)
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
 
 
 def assert_clean(node: Node, *pods: str) -> None:
@@ -197,6 +211,28 @@ def test_del_when_the_namespace_is_gone_releases_the_address(node, make_netns):
     assert node.cni("DEL", conf, "c1", pod) == (0, None)
     assert node.cni("DEL", conf, "c1", pod) == (0, None)
     assert node.allocations() == [] and plugin.host_veth_name("c1", "eth0") not in links(node.name)
+
+
+def test_launcher_forwards_to_the_helper(node, make_netns, tmp_path):
+    """With a helper running, ADD and DEL work from a launcher whose package has nothing but the
+    forwarder: the exec really hands them over (and CHECK, never forwarded, fails there)."""
+    if not node.helper_name:
+        pytest.skip("needs the node helper")
+    only_forward = tmp_path / "forward-only"
+    only_forward.mkdir()
+    (only_forward / "forward.py").write_text(open(forward.__file__).read())
+    launcher = tmp_path / "netplane-cni"
+    launcher.write_text(install.launcher_text().replace(repr(os.path.dirname(forward.__file__)),
+                                                        repr(str(only_forward))))
+    launcher.chmod(0o755)
+    bare = Node(node.name, node.data_dir, str(launcher), node.helper_name)
+    pod = make_netns("cp")
+    conf = node.conf()
+    result = bare.add(conf, "c1", pod)
+    assert addresses(pod, "eth0") == {"10.244.1.2/24"} and ping(pod, "10.244.1.1")
+    assert bare.cni("CHECK", with_prev(conf, result), "c1", pod)[0] != 0   # ModuleNotFoundError: not forwarded
+    assert bare.cni("DEL", with_prev(conf, result), "c1", pod) == (0, None)
+    assert links(pod) == ["lo"] and node.allocations() == []
 
 
 # ---- a failed ADD leaves nothing behind -----------------------------------------------------------

@@ -6,7 +6,7 @@ import ipaddress
 
 import pytest
 
-from netplane.cni import config, spec
+from netplane.cni import config, ipnet, spec
 
 AGENT_CONFIG = {
     "cniVersion": "1.0.0", "name": "netplane", "type": "netplane-cni", "bridge": "cni0",
@@ -44,11 +44,11 @@ def test_agent_config_parses():
     assert conf.is_gateway and conf.is_default_gateway and conf.ipam.builtin
     (range_set,) = conf.ipam.range_sets
     (r,) = range_set.ranges
-    assert r.subnet == ipaddress.ip_network("10.244.1.0/24")
-    assert r.gateway == ipaddress.ip_address("10.244.1.1")
+    assert r.subnet == ipnet.ip_network("10.244.1.0/24")
+    assert r.gateway == ipnet.ip_address("10.244.1.1")
     assert (ipaddress.ip_address(r.start), ipaddress.ip_address(r.end)) == (
         ipaddress.ip_address("10.244.1.1"), ipaddress.ip_address("10.244.1.254"))
-    assert conf.ipam.routes[0].dst == ipaddress.ip_network("10.96.0.0/12")
+    assert conf.ipam.routes[0].dst == ipnet.ip_network("10.96.0.0/12")
     assert conf.ipam.data_dir == "/var/lib/netplane/cni"
 
 

@@ -1,14 +1,13 @@
 """Built-in IPAM: round-robin choice (pure) and the host-local style directory."""
 from __future__ import annotations
 
-import ipaddress
 import os
 
 import pytest
 
-from netplane.cni import config, ipam, spec
+from netplane.cni import config, ipam, ipnet, spec
 
-ip = ipaddress.ip_address
+ip = ipnet.ip_address
 
 
 def ipam_conf(*range_sets) -> config.IpamConf:

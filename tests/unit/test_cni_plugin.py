@@ -65,13 +65,16 @@ def test_launcher_runs_the_plugin_without_site(tmp_path):
 
 def test_plugin_imports_nothing_heavy():
     """A plugin is exec'd once per pod: importing pyroute2 alone costs more than the reference plugin's
-    whole ADD, and json/re/subprocess/dataclasses/hashlib cost ~5-20 ms each."""
+    whole ADD, json/re/subprocess/dataclasses/hashlib cost ~5-20 ms each, and ipaddress (with functools
+    and collections), ctypes, select and even __future__ cost 0.2-5 ms each (ctypes' core, select and the
+    masquerade code load only when used)."""
     code = ("import sys; before = set(sys.modules); import netplane.cni.plugin; "
             "print(' '.join(sorted(set(sys.modules) - before)))")
     out = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ}).stdout.split()
     heavy = {"pyroute2", "json", "re", "subprocess", "dataclasses", "hashlib", "typing", "socket", "asyncio",
-             "logging", "enum", "inspect", "contextlib"}
+             "logging", "enum", "inspect", "contextlib", "ipaddress", "collections", "functools", "__future__",
+             "ctypes", "_ctypes", "select", "netplane.cni.masq", "netplane.cni.proc"}
     assert not heavy & set(out), sorted(heavy & set(out))
 
 

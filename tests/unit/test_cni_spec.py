@@ -1,12 +1,11 @@
 """The protocol (environment, results), the ip/nft text ADD asks for, and the JSON without `import json`."""
 from __future__ import annotations
 
-import ipaddress
 import json
 
 import pytest
 
-from netplane.cni import config, jsonlite, link, masq, spec
+from netplane.cni import config, ipnet, jsonlite, link, masq, spec
 
 ENV = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": "abc123", "CNI_NETNS": "/run/netns/np-pod-x",
        "CNI_IFNAME": "eth0", "CNI_PATH": "/usr/lib/cni:/opt/cni/bin",
@@ -73,7 +72,7 @@ def test_version_reply_and_error_json():
                                       "msg": "invalid network config: name: missing", "details": "more"}
 
 
-# ---- the ip -batch text -------------------------------------------------------------------------
+# ---- the plan's lines -------------------------------------------------------------------------
 
 def netconf(**changes):
     data = {"cniVersion": "1.0.0", "name": "n", "bridge": "cni0", "isGateway": True, "isDefaultGateway": True,
@@ -82,7 +81,7 @@ def netconf(**changes):
 
 
 def gw(text):
-    return ipaddress.ip_interface(text)
+    return ipnet.ip_interface(text)
 
 
 def test_plan_new_bridge_with_gateway():
@@ -136,11 +135,6 @@ def test_plan_veth_and_pod():
         "route add 0.0.0.0/0 via 10.244.1.1 dev eth0", "route add 10.9.0.0/16 dev eth0"]
 
 
-def test_failed_line_of_ip_batch():
-    assert link.failed_line("RTNETLINK answers: File exists\nCommand failed -:3\n") == 3
-    assert link.failed_line("something else") == 1
-
-
 def test_parse_link_from_ip_json():
     entry = {"ifname": "cni0", "flags": ["BROADCAST", "UP", "PROMISC"], "mtu": 1500, "address": "0a:58:0a:f4:01:01",
              "master": "", "linkinfo": {"info_kind": "bridge"},
@@ -150,7 +144,7 @@ def test_parse_link_from_ip_json():
 
 
 def test_masquerade_table_text():
-    text = masq.render("net1", [ipaddress.ip_network("10.244.1.0/24"), ipaddress.ip_network("fd00::/64")])
+    text = masq.render("net1", [ipnet.ip_network("10.244.1.0/24"), ipnet.ip_network("fd00::/64")])
     assert text == (
         "table inet netplane-cni-net1 {}\n"
         "delete table inet netplane-cni-net1\n"
