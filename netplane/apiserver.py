@@ -1518,7 +1518,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="netplane apiserver",
                                      description="serve the Kubernetes API over the revisioned store")
     parser.add_argument("--listen", default="0.0.0.0:6443", help="ADDR:PORT to serve on (default 0.0.0.0:6443)")
+    parser.add_argument("--store", choices=["sqlite", "etcd"], default="sqlite",
+                        help="where objects live: an embedded SQLite file (default) or etcd v3")
     parser.add_argument("--db", default="/var/lib/netplane/apiserver.db", help="the SQLite store file")
+    parser.add_argument("--etcd-endpoints", default="http://127.0.0.1:2379",
+                        help="etcd client URLs, comma-separated (with --store etcd)")
     parser.add_argument("--advertise-address", help="the IP the kubernetes Service points at "
                         "(default: the listen address, or this host's primary address)")
     parser.add_argument("--compact-interval", type=float, default=300.0,
@@ -1534,13 +1538,13 @@ def main(argv: list[str]) -> int:
     advertise = args.advertise_address or _guess_advertise_address(host)
 
     async def serve(stop: asyncio.Event) -> None:
-        store = store_mod.open_store(args.db)
+        store = store_mod.open_store(args.etcd_endpoints if args.store == "etcd" else args.db, args.store)
         server = APIServer(store, advertise, port, compact_interval=args.compact_interval)
         try:
             await server.start(args.listen)
             await stop.wait()
         finally:
             await server.stop()
-            store.close()
+            await store.aclose()
 
     return daemon.run(serve, component="apiserver")
