@@ -45,15 +45,17 @@ class NftBackend:
     def __init__(self, namespace: str | None = None):
         self.namespace = namespace
         self.applied: list[nft.Table] | None = None
+        self.builder = nft.TableBuilder()  # re-uses the rules of Service ports that did not change
 
     def plan(self, model: Model, force_full: bool = False) -> tuple[str, list[nft.Table], bool]:
-        """(transaction text, the tables it produces, whether it is a full sync). Pure."""
-        tables = nft.render_tables(model)
+        """(transaction text, the tables it produces, whether it is a full sync). Pure but for
+        the builder's cache of rendered Service ports."""
+        tables = nft.render_tables(model, self.builder)
         if not force_full and self.applied is not None and len(self.applied) == len(tables):
             deltas = [nft.delta_transaction(old, new) for old, new in zip(self.applied, tables)]
             if all(d is not None for d in deltas):
                 return "".join(deltas), tables, False
-        return "\n".join(nft.full_transaction(t) for t in tables), tables, True
+        return "\n".join(nft.full_transaction(t, readable=False) for t in tables), tables, True
 
     def sync(self, model: Model, force_full: bool = False) -> SyncResult:
         text, tables, full = self.plan(model, force_full)

@@ -5,27 +5,47 @@ The layout is kube-proxy's nftables mode (pkg/proxy/nftables/proxier.go), in our
 
   nat-prerouting / nat-output  -> services: `daddr . l4proto . dport vmap @service-ips`,
                                   then NodePorts: `vmap @service-nodeports`
-  service-HASH-ns/svc/tcp/port -> masquerade off-cluster clients, then
-                                  `numgen random mod N vmap { 0 : goto endpoint-..., ... }`
-  endpoint-HASH-...__ip/port   -> hairpin masquerade, `dnat to ip:port`
+  service-HASH-ns/svc/tcp/port -> masquerade off-cluster clients, then `goto pick-endpoint-N`
+  pick-endpoint-N              -> shared by every Service port with N endpoints:
+                                  `dnat to daddr . l4proto . dport . numgen random mod N
+                                   map @service-endpoints` (NodePorts: @nodeport-endpoints)
   external-HASH-...            -> NodePort / externalIP / LoadBalancer traffic (masquerade, or
                                   keep the client IP for externalTrafficPolicy Local)
-  local-HASH-...               -> node-local endpoints only (traffic policy Local)
+  local-HASH-...               -> node-local endpoints only (traffic policy Local), through
+                                  pick-local-endpoint-N and the @local-* maps
   filter-* base chains         -> REJECT Services without endpoints (no-endpoint-* maps),
                                   loadBalancerSourceRanges (firewall-ips), stray ClusterIP ports
-  nat-postrouting              -> masquerade packets carrying mark 0x4000
+  nat-postrouting              -> masquerade packets carrying mark 0x4000, and hairpin traffic
+                                  (a pod reaching itself through a Service: @hairpin-endpoints)
 
-`render_table(model, family)` gives a structured `Table` (chains, sets, map elements grouped by
-Service port), which `full_transaction` turns into one atomic transaction that recreates the
-table, and `delta_transaction` turns into the smaller transaction from a previous Table.
+Where we differ from kube-proxy, and why (measured with nft 1.0.6 on kernel 6.x, 10,000 Services
+x 10 endpoints, see bench/proxy.py): kube-proxy picks an endpoint with an anonymous
+`numgen random mod N vmap { 0 : goto endpoint-A, ... }` per Service and has a chain per endpoint
+holding the hairpin rule and the DNAT. The kernel names every anonymous set by scanning all
+sets of the table, so that layout grows quadratically (132 s for one transaction); 110,000
+endpoint chains with 220,000 rules still cost 5.5 s. Here an endpoint is a map element
+(`ClusterIP . tcp . 80 . 3 : 10.244.1.7 . 8080`, about 8 us each to load), looked up from a few
+shared pick chains, one per endpoint count: a map bound by many rules would be re-validated
+for every element added (elements x rules), so the rules that use these maps must stay few.
+Hairpin masquerade moves to one postrouting rule over the set of local endpoints. Dispatch is
+still one verdict-map lookup, whatever the number of Services. Services with sessionAffinity
+keep kube-proxy's per-endpoint chains and affinity sets (they need a chain per endpoint to
+record the client), they are few.
+
+`TableBuilder.render(model, family)` gives a structured `Table` (sets, chains and map elements
+grouped by Service port), which `full_transaction` turns into one atomic transaction that
+recreates the table, and `delta_transaction` turns into the smaller transaction from a
+previous Table. The builder re-uses the Block of every Service port that did not change, so a
+partial sync costs in proportion to what changed.
 """
 from __future__ import annotations
 
 import base64
 import hashlib
+import ipaddress
 from dataclasses import dataclass, field
 
-from netplane.proxy.model import EndpointChoice, Endpoint, Model, ServicePort, choose_endpoints
+from netplane.proxy.model import Endpoint, Model, NodeFacts, ServicePort, choose_endpoints
 
 TABLE = "netplane"
 MASQ_MARK = "0x4000"
@@ -56,6 +76,9 @@ BASE_JUMPS = (
     ("nat-output", "jump services"),
     ("nat-postrouting", "jump masquerading"),
 )
+# The endpoint maps of the two endpoint sets a Service port can use: (by address, by NodePort).
+PICK_MAPS = {"cluster": ("service-endpoints", "nodeport-endpoints"),
+             "local": ("local-endpoints", "local-nodeport-endpoints")}
 
 
 @dataclass(frozen=True)
@@ -69,8 +92,14 @@ class Family:
     def x(self) -> str:  # the address match keyword: "ip" / "ip6"
         return self.table_family
 
+    @property
+    def number(self) -> int:
+        return 4 if self.table_family == "ip" else 6
+
 
 FAMILIES = {4: Family("ip", "ipv4_addr", "127.0.0.0/8"), 6: Family("ip6", "ipv6_addr", "::1")}
+
+ElementKey = tuple[str, str]  # (set or map, key)
 
 
 @dataclass
@@ -79,25 +108,56 @@ class Block:
     title: str
     sets: dict[str, str] = field(default_factory=dict)  # name -> "{ type ... ; }" (sets and maps)
     chains: dict[str, tuple[str, ...]] = field(default_factory=dict)  # name -> rules, in order
-    elements: dict[tuple[str, str], tuple[str, str]] = field(default_factory=dict)
+    elements: dict[ElementKey, tuple[str, str]] = field(default_factory=dict)
     # (set or map, key) -> (value or "", comment or "")
+    shared_chains: tuple[str, ...] = ()  # pick chains this block jumps to (shared with others)
+
+    def rule_total(self) -> int:
+        return sum(len(rules) for rules in self.chains.values())
 
 
 @dataclass
 class Table:
     family: Family
     skeleton: Block
-    services: list[Block]
+    services: dict[tuple, Block]  # (namespace, name, protocol, port name) -> Block
+    # How many Service blocks add each element / use each shared chain: an element shared by
+    # blocks (a ClusterIP with two ports, a pod behind two Services) is deleted with its last one.
+    # Computed on first use; a delta hands the updated counts to the new table.
+    _element_refs: dict[ElementKey, int] | None = None
+    _shared_refs: dict[str, int] | None = None
 
     @property
     def blocks(self) -> list[Block]:
-        return [self.skeleton, *self.services]
+        return [self.skeleton, *self.services.values()]
+
+    def shared_chains(self) -> dict[str, tuple[str, ...]]:
+        names = sorted({n for b in self.services.values() for n in b.shared_chains})
+        return {n: pick_chain_rules(n, self.family) for n in names}
 
     def chain_count(self) -> int:
-        return sum(len(b.chains) for b in self.blocks)
+        return sum(len(b.chains) for b in self.blocks) + len(self.shared_refs())
 
     def rule_count(self) -> int:
-        return sum(len(rules) for b in self.blocks for rules in b.chains.values())
+        return sum(b.rule_total() for b in self.blocks) + 2 * len(self.shared_refs())
+
+    def element_refs(self) -> dict[ElementKey, int]:
+        if self._element_refs is None:
+            refs: dict[ElementKey, int] = {}
+            for block in self.services.values():
+                for key in block.elements:
+                    refs[key] = refs.get(key, 0) + 1
+            self._element_refs = refs
+        return self._element_refs
+
+    def shared_refs(self) -> dict[str, int]:
+        if self._shared_refs is None:
+            refs: dict[str, int] = {}
+            for block in self.services.values():
+                for name in block.shared_chains:
+                    refs[name] = refs.get(name, 0) + 1
+            self._shared_refs = refs
+        return self._shared_refs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -105,7 +165,8 @@ class Table:
 
 
 def _hash_and_truncate(name: str) -> str:
-    digest = base64.b32encode(hashlib.sha256(name.encode()).digest()).decode()[:8]
+    # 8 base32 characters are the first 40 bits: encode just those 5 bytes (b32encode is slow)
+    digest = base64.b32encode(hashlib.sha256(name.encode()).digest()[:5]).decode()
     full = f"{digest}-{name}"
     return full if len(full) <= NAME_MAX else full[:NAME_MAX - 3] + "..."
 
@@ -125,22 +186,47 @@ def is_service_chain(name: str) -> bool:
     return "/" in name
 
 
+def pick_chain_name(kind: str, count: int) -> str:
+    return f"pick-endpoint-{count}" if kind == "cluster" else f"pick-local-endpoint-{count}"
+
+
+def pick_chain_rules(name: str, fam: Family) -> tuple[str, ...]:
+    """pick-[local-]endpoint-N: DNAT to endpoint `numgen random mod N` of the Service port the
+    packet is addressed to (by address, else by NodePort)."""
+    kind = "local" if name.startswith("pick-local-") else "cluster"
+    count = int(name.rsplit("-", 1)[1])
+    by_address, by_node_port = PICK_MAPS[kind]
+    x = fam.x
+    return (f"dnat {x} to {x} daddr . meta l4proto . th dport . numgen random mod {count} map @{by_address}",
+            f"dnat {x} to meta l4proto . th dport . numgen random mod {count} map @{by_node_port}")
+
+
 # ---------------------------------------------------------------------------------------------
 # The fixed part of the table
 
 
-def _skeleton(model: Model, fam: Family) -> Block:
+def _skeleton(node: NodeFacts, fam: Family) -> Block:
     x, addr = fam.x, fam.addr_type
-    node_ips = model.node.ips_of(4 if fam.x == "ip" else 6)
+    node_ips = node.ips_of(fam.number)
     block = Block("skeleton")
+    pick_key = f"{x} daddr . meta l4proto . th dport . numgen random mod 65536"
+    pick_value = f"{x} daddr . th dport"
     block.sets = {
         "cluster-ips": f'{{ type {addr} ; comment "Active ClusterIPs" ; }}',
         "firewall-ips": f"{{ type {addr} . inet_proto . inet_service : verdict ; "
                         'comment "destinations that are subject to LoadBalancerSourceRanges" ; }',
+        "hairpin-endpoints": f"{{ type {addr} . {addr} ; "
+                             'comment "endpoints on this node: a pod reaching itself through a Service" ; }',
+        "local-endpoints": f'{{ typeof {pick_key} : {pick_value} ; comment "node-local endpoint i of a Service address" ; }}',
+        "local-nodeport-endpoints": f"{{ typeof meta l4proto . th dport . numgen random mod 65536 : {pick_value} ; "
+                                    'comment "node-local endpoint i of a NodePort" ; }',
         "no-endpoint-nodeports": "{ type inet_proto . inet_service : verdict ; "
                                  'comment "vmap to drop or reject packets to service nodeports with no endpoints" ; }',
         "no-endpoint-services": f"{{ type {addr} . inet_proto . inet_service : verdict ; "
                                 'comment "vmap to drop or reject packets to services with no endpoints" ; }',
+        "nodeport-endpoints": f"{{ typeof meta l4proto . th dport . numgen random mod 65536 : {pick_value} ; "
+                              'comment "endpoint i of a NodePort" ; }',
+        "service-endpoints": f'{{ typeof {pick_key} : {pick_value} ; comment "endpoint i of a Service address" ; }}',
         "service-ips": f"{{ type {addr} . inet_proto . inet_service : verdict ; "
                        'comment "ClusterIP, ExternalIP and LoadBalancer IP traffic" ; }',
         "service-nodeports": '{ type inet_proto . inet_service : verdict ; comment "NodePort traffic" ; }',
@@ -155,7 +241,7 @@ def _skeleton(model: Model, fam: Family) -> Block:
     for name, ctype, hook, prio in BASE_CHAINS:
         rules = tuple(rule for chain, rule in BASE_JUMPS if chain == name)
         block.chains[f"{name} {{ type {ctype} hook {hook} priority {prio} ; }}"] = rules
-    cidrs = model.node.service_cidrs_of(4 if x == "ip" else 6)
+    cidrs = node.service_cidrs_of(fam.number)
     cluster_ips_check = [f'{x} daddr @cluster-ips reject comment "Reject traffic to invalid ports of ClusterIPs"']
     if cidrs:
         cluster_ips_check.append(
@@ -164,7 +250,9 @@ def _skeleton(model: Model, fam: Family) -> Block:
         "cluster-ips-check": tuple(cluster_ips_check),
         "firewall-check": (f"{x} daddr . meta l4proto . th dport vmap @firewall-ips",),
         "mark-for-masquerade": (f"mark set mark or {MASQ_MARK}",),
-        "masquerading": (f"mark and {MASQ_MARK} == 0 return", f"mark set mark xor {MASQ_MARK}",
+        "masquerading": (f'ct status dnat {x} saddr . {x} daddr @hairpin-endpoints jump mark-for-masquerade '
+                         'comment "hairpin"',
+                         f"mark and {MASQ_MARK} == 0 return", f"mark set mark xor {MASQ_MARK}",
                          "masquerade fully-random"),
         "nodeport-endpoints-check": (f"{nodeport_match} meta l4proto . th dport vmap @no-endpoint-nodeports",),
         'reject-chain { comment "helper for @no-endpoint-services / @no-endpoint-nodeports" ; }': ("reject",),
@@ -192,8 +280,12 @@ class _Names:
     firewall: str
 
 
-def _service_block(port: ServicePort, model: Model, fam: Family) -> Block:
-    choice = choose_endpoints(port, model.node.name)
+def service_key(port: ServicePort) -> tuple:
+    return port.namespace, port.name, port.protocol, port.port_name
+
+
+def _service_block(port: ServicePort, node: NodeFacts, fam: Family) -> Block:
+    choice = choose_endpoints(port, node.name)
     base = port_chain_base(port)
     names = _Names(f"service-{base}", f"local-{base}", f"external-{base}", f"firewall-{base}")
     block = Block(port.display)
@@ -209,29 +301,26 @@ def _service_block(port: ServicePort, model: Model, fam: Family) -> Block:
     else:
         internal_verdict = external_verdict = "drop"  # traffic policy Local, none on this node
 
-    _add_dispatch_elements(block, port, fam, names, has_internal, has_external, uses_external,
+    _add_dispatch_elements(block, port, names, has_internal, has_external, uses_external,
                            internal_chain, internal_verdict, external_verdict)
     if uses_cluster:
-        block.chains[names.cluster] = _policy_chain(port, model, fam, choice.cluster,
-                                                    masq_off_cluster=not port.internal_local)
+        _add_policy_chain(block, port, node, fam, "cluster", names.cluster, choice.cluster,
+                          masq_off_cluster=not port.internal_local)
     if uses_local:
-        block.chains[names.local] = _policy_chain(port, model, fam, choice.local,
-                                                  masq_off_cluster=port.internal_local)
+        _add_policy_chain(block, port, node, fam, "local", names.local, choice.local,
+                          masq_off_cluster=port.internal_local)
     if uses_external:
-        block.chains[names.external] = _external_chain(port, model, fam, names, has_external,
+        block.chains[names.external] = _external_chain(port, node, fam, names, has_external,
                                                        external_policy_chain)
     if port.load_balancer_ips and port.source_ranges:
-        block.chains[names.firewall] = (_firewall_rule(port, model, fam),)
-    for ep in choice.reachable:
-        epbase = endpoint_chain_base(port, ep)
-        if port.affinity_timeout:
-            block.sets[f"affinity-{epbase}"] = (f"{{ type {fam.addr_type} ; flags dynamic,timeout ; "
-                                                f"timeout {port.affinity_timeout}s ; }}")
-        block.chains[f"endpoint-{epbase}"] = _endpoint_chain(port, fam, ep, epbase)
+        block.chains[names.firewall] = (_firewall_rule(port, node, fam),)
+    for ep in (*choice.cluster, *choice.local):
+        if not ep.node_name or ep.node_name == node.name:  # only local pods can hairpin here
+            block.elements[("hairpin-endpoints", f"{ep.ip} . {ep.ip}")] = ("", "")
     return block
 
 
-def _add_dispatch_elements(block: Block, port: ServicePort, fam: Family, names: _Names,
+def _add_dispatch_elements(block: Block, port: ServicePort, names: _Names,
                            has_internal: bool, has_external: bool, uses_external: bool,
                            internal_chain: str, internal_verdict: str, external_verdict: str) -> None:
     """Map elements that send a Service's addresses to its chains, or to REJECT/DROP."""
@@ -260,11 +349,11 @@ def _add_dispatch_elements(block: Block, port: ServicePort, fam: Family, names: 
             els[("no-endpoint-nodeports", key)] = (external_verdict, comment)
 
 
-def _policy_chain(port: ServicePort, model: Model, fam: Family, endpoints: tuple[Endpoint, ...],
-                  masq_off_cluster: bool) -> tuple[str, ...]:
+def _add_policy_chain(block: Block, port: ServicePort, node: NodeFacts, fam: Family, kind: str,
+                      name: str, endpoints: tuple[Endpoint, ...], masq_off_cluster: bool) -> None:
     """service-* / local-*: masquerade clients from outside the cluster, then pick an endpoint."""
     rules = []
-    cidr = model.node.cluster_cidr(4 if fam.x == "ip" else 6)
+    cidr = node.cluster_cidr(fam.number)
     if masq_off_cluster:
         # An off-cluster client (a node, or a router with a static route to the Service range)
         # would get replies straight from the pod: masquerade so they come back through us.
@@ -272,22 +361,55 @@ def _policy_chain(port: ServicePort, model: Model, fam: Family, endpoints: tuple
         rules.append(f"{head} {fam.x} saddr != {cidr} jump mark-for-masquerade" if cidr
                      else f"{head} jump mark-for-masquerade")
     if port.affinity_timeout:
-        for ep in endpoints:
-            base = endpoint_chain_base(port, ep)
-            rules.append(f"{fam.x} saddr @affinity-{base} goto endpoint-{base}")
-    choices = " , ".join(f"{i} : goto endpoint-{endpoint_chain_base(port, ep)}"
-                         for i, ep in enumerate(endpoints))
-    rules.append(f"numgen random mod {len(endpoints)} vmap {{ {choices} }}")
-    return tuple(rules)
+        rules += _affinity_pick(block, port, fam, endpoints)
+    else:
+        pick = pick_chain_name(kind, len(endpoints))
+        rules.append(f"goto {pick}")
+        block.shared_chains += (pick,)
+        _add_pick_elements(block, port, kind, endpoints)
+    block.chains[name] = tuple(rules)
 
 
-def _external_chain(port: ServicePort, model: Model, fam: Family, names: _Names,
+def _add_pick_elements(block: Block, port: ServicePort, kind: str, endpoints: tuple[Endpoint, ...]) -> None:
+    """Endpoint i of the port, under every address the port is reached at."""
+    by_address, by_node_port = PICK_MAPS[kind]
+    targets = [f"{ep.ip} . {ep.port}" for ep in endpoints]
+    els = block.elements
+    for address in (port.cluster_ip, *port.external_ips, *port.load_balancer_ips):
+        head = f"{address} . {port.protocol} . {port.port} . "
+        for i, target in enumerate(targets):
+            els[(by_address, f"{head}{i}")] = (target, "")
+    if port.node_port:
+        head = f"{port.protocol} . {port.node_port} . "
+        for i, target in enumerate(targets):
+            els[(by_node_port, f"{head}{i}")] = (target, "")
+
+
+def _affinity_pick(block: Block, port: ServicePort, fam: Family, endpoints: tuple[Endpoint, ...]) -> list[str]:
+    """sessionAffinity ClientIP, as kube-proxy: a chain and a timeout set per endpoint; a client
+    found in an endpoint's set goes back to it, a new one is sent to a random endpoint, whose
+    chain records it."""
+    rules, choices = [], []
+    for i, ep in enumerate(endpoints):
+        base = endpoint_chain_base(port, ep)
+        rules.append(f"{fam.x} saddr @affinity-{base} goto endpoint-{base}")
+        choices.append(f"{i} : goto endpoint-{base}")
+        if f"endpoint-{base}" not in block.chains:  # the cluster and local sets may share one
+            block.sets[f"affinity-{base}"] = (f"{{ type {fam.addr_type} ; flags dynamic,timeout ; "
+                                              f"timeout {port.affinity_timeout}s ; }}")
+            block.chains[f"endpoint-{base}"] = (f"update @affinity-{base} {{ {fam.x} saddr }}",
+                                                f"meta l4proto {port.protocol} dnat to {ep.hostport}")
+    rules.append(f"numgen random mod {len(endpoints)} vmap {{ {' , '.join(choices)} }}")
+    return rules
+
+
+def _external_chain(port: ServicePort, node: NodeFacts, fam: Family, names: _Names,
                     has_external: bool, policy_chain: str) -> tuple[str, ...]:
     if not port.external_local:
         # Endpoints may be on other nodes: masquerade so replies come back through this node.
         rules = ["jump mark-for-masquerade"]
     else:
-        cidr = model.node.cluster_cidr(4 if fam.x == "ip" else 6)
+        cidr = node.cluster_cidr(fam.number)
         rules = []
         if cidr:
             rules.append(f'{fam.x} saddr {cidr} goto {names.cluster} comment "short-circuit pod traffic"')
@@ -300,71 +422,117 @@ def _external_chain(port: ServicePort, model: Model, fam: Family, names: _Names,
     return tuple(rules)
 
 
-def _firewall_rule(port: ServicePort, model: Model, fam: Family) -> str:
-    import ipaddress
+def _firewall_rule(port: ServicePort, node: NodeFacts, fam: Family) -> str:
     sources = list(port.source_ranges)
-    node_ips = model.node.ips_of(4 if fam.x == "ip" else 6)
+    node_ips = node.ips_of(fam.number)
     if node_ips and any(ipaddress.ip_address(node_ips[0]) in ipaddress.ip_network(c)
                         for c in port.source_ranges):
         sources += port.load_balancer_ips  # a node reaching its own LB IP loops back from that IP
     return f"{fam.x} saddr != {{ {', '.join(sources)} }} drop"
 
 
-def _endpoint_chain(port: ServicePort, fam: Family, ep: Endpoint, base: str) -> tuple[str, ...]:
-    rules = [f"{fam.x} saddr {ep.ip} jump mark-for-masquerade"]  # hairpin: a pod reaching itself
-    if port.affinity_timeout:
-        rules.append(f"update @affinity-{base} {{ {fam.x} saddr }}")
-    rules.append(f"meta l4proto {port.protocol} dnat to {ep.hostport}")
-    return tuple(rules)
-
-
 # ---------------------------------------------------------------------------------------------
-# Tables and transactions
+# Tables
+
+
+class TableBuilder:
+    """Renders Tables; re-uses the Block of every ServicePort object it rendered last time.
+
+    ServicePorts are frozen values: the same object means the same rules (for the same node
+    facts). Keyed by identity, with the port kept alive beside its block, so a lookup is cheap
+    even with 10,000 ports (hashing each port's endpoint tuple would not be)."""
+
+    def __init__(self) -> None:
+        self._node: NodeFacts | None = None
+        self._blocks: dict[int, tuple[ServicePort, Block]] = {}
+
+    def render(self, model: Model, family: int) -> Table:
+        fam = FAMILIES[family]
+        if model.node != self._node:
+            self._node, self._blocks = model.node, {}
+        previous, current = self._blocks, {}
+        services: dict[tuple, Block] = {}
+        for port in model.ports:
+            if port.family != family:
+                continue
+            hit = previous.get(id(port))
+            block = hit[1] if hit is not None and hit[0] is port else _service_block(port, model.node, fam)
+            current[id(port)] = (port, block)
+            services[service_key(port)] = block
+        # keep the other family's blocks: render() is called once per family
+        self._blocks = {k: v for k, v in previous.items() if v[0].family != family} | current
+        return Table(fam, _skeleton(model.node, fam), services)
 
 
 def render_table(model: Model, family: int) -> Table:
-    fam = FAMILIES[family]
-    return Table(fam, _skeleton(model, fam),
-                 [_service_block(p, model, fam) for p in model.ports_of(family)])
+    return TableBuilder().render(model, family)
 
 
-def render_tables(model: Model) -> list[Table]:
-    return [render_table(model, f) for f in model.node.families]
+def render_tables(model: Model, builder: TableBuilder | None = None) -> list[Table]:
+    builder = builder or TableBuilder()
+    return [builder.render(model, f) for f in model.node.families]
 
 
-def _element_line(prefix: str, name: str, key: str, value: str, comment: str) -> str:
+# ---------------------------------------------------------------------------------------------
+# Transactions
+
+
+def _element_text(key: str, value: str, comment: str) -> str:
     text = key
     if comment:
         text += f' comment "{comment}"'
     if value:
         text += f" : {value}"
-    return f"add element {prefix} {name} {{ {text} }}"
+    return text
+
+
+def _elements_lines(prefix: str, verb: str, elements: dict[ElementKey, tuple[str, str]]) -> list[str]:
+    """One `add element` (or `delete element`) statement per set, in first-seen order."""
+    by_set: dict[str, list[str]] = {}
+    for (name, key), (value, comment) in elements.items():
+        by_set.setdefault(name, []).append(_element_text(key, value, comment) if verb == "add" else key)
+    return [f"{verb} element {prefix} {name} {{ {' , '.join(items)} }}" for name, items in by_set.items()]
 
 
 def _is_map(spec: str) -> bool:
-    return ": verdict" in spec
+    return " : " in spec.split(";", 1)[0]
 
 
-def _block_lines(prefix: str, block: Block, seen_elements: set) -> list[str]:
-    lines = []
-    for name, spec in block.sets.items():
-        kind = "map" if _is_map(spec) else "set"
-        lines.append(f"add {kind} {prefix} {name} {spec}")
+def _set_line(prefix: str, name: str, spec: str) -> str:
+    return f"add {'map' if _is_map(spec) else 'set'} {prefix} {name} {spec}"
+
+
+def _chain_lines(prefix: str, chains: dict[str, tuple[str, ...]]) -> list[str]:
     # every chain exists before any rule jumps to it
-    lines.extend(f"add chain {prefix} {decl}" for decl in block.chains)
-    for decl, rules in block.chains.items():
+    lines = [f"add chain {prefix} {decl}" for decl in chains]
+    for decl, rules in chains.items():
         name = chain_name(decl)
         lines.extend(f"add rule {prefix} {name} {rule}" for rule in rules)
-    for (name, key), (value, comment) in block.elements.items():
-        if (name, key) not in seen_elements:  # e.g. the ClusterIP shared by a Service's ports
-            seen_elements.add((name, key))
-            lines.append(_element_line(prefix, name, key, value, comment))
     return lines
 
 
-def full_transaction(table: Table) -> str:
-    """One atomic transaction that replaces our table with `table` (nothing else is touched)."""
-    prefix = f"{table.family.table_family} {TABLE}"
+def _block_lines(prefix: str, block: Block, seen_elements: set) -> list[str]:
+    lines = [_set_line(prefix, name, spec) for name, spec in block.sets.items()]
+    lines += _chain_lines(prefix, block.chains)
+    fresh = {}
+    for key, value in block.elements.items():
+        if key not in seen_elements:  # e.g. the ClusterIP shared by a Service's ports
+            seen_elements.add(key)
+            fresh[key] = value
+    return lines + _elements_lines(prefix, "add", fresh)
+
+
+def table_prefix(table: Table) -> str:
+    return f"{table.family.table_family} {TABLE}"
+
+
+def full_transaction(table: Table, readable: bool = True) -> str:
+    """One atomic transaction that replaces our table with `table` (nothing else is touched).
+
+    readable: each Service port's chains and elements together under a comment, as `render`
+    prints it; otherwise every set's elements in one statement at the end, which nft loads
+    20% faster (1.6 s instead of 1.9 s at 10,000 Services): what the backend applies."""
+    prefix = table_prefix(table)
     lines = [
         f"# netplane service proxy: table {prefix} (recreated atomically)",
         f"add table {prefix}",
@@ -373,10 +541,23 @@ def full_transaction(table: Table) -> str:
     ]
     seen: set = set()
     lines += _block_lines(prefix, table.skeleton, seen)
-    for block in table.services:
-        lines.append("")
-        lines.append(f"# {block.title}")
-        lines += _block_lines(prefix, block, seen)
+    shared = table.shared_chains()
+    if shared:
+        lines += ["", "# endpoint pickers, shared by the Service ports with the same number of endpoints"]
+        lines += _chain_lines(prefix, shared)
+    if readable:
+        for block in table.services.values():
+            lines.append("")
+            lines.append(f"# {block.title}")
+            lines += _block_lines(prefix, block, seen)
+        return "\n".join(lines) + "\n"
+    elements: dict[ElementKey, tuple[str, str]] = {}
+    for block in table.services.values():
+        lines += [_set_line(prefix, name, spec) for name, spec in block.sets.items()]
+        lines += _chain_lines(prefix, block.chains)
+        for key, value in block.elements.items():
+            elements.setdefault(key, value)
+    lines += _elements_lines(prefix, "add", elements)
     return "\n".join(lines) + "\n"
 
 
@@ -395,46 +576,87 @@ def cleanup_transaction(families=(4, 6)) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _service_parts(table: Table) -> tuple[dict, dict, dict]:
-    """(chains name -> (declaration, rules), sets name -> spec, elements) over all Service blocks."""
-    chains, sets, elements = {}, {}, {}
-    for block in table.services:
-        for decl, rules in block.chains.items():
-            chains[chain_name(decl)] = (decl, rules)
-        sets.update(block.sets)
-        for key, value in block.elements.items():
-            elements.setdefault(key, value)
-    return chains, sets, elements
+def _changed_blocks(old: Table, new: Table) -> list[tuple[Block | None, Block | None]]:
+    changed = []
+    for key, block in new.services.items():
+        before = old.services.get(key)
+        if before is not block and before != block:
+            changed.append((before, block))
+    changed += [(block, None) for key, block in old.services.items() if key not in new.services]
+    return changed
+
+
+def _count(refs: dict, keys, step: int) -> None:
+    for key in keys:
+        refs[key] = refs.get(key, 0) + step
+        if not refs[key]:
+            del refs[key]
 
 
 def delta_transaction(old: Table, new: Table) -> str | None:
-    """The transaction that turns the applied `old` table into `new`, touching only what
-    changed; None when the fixed part differs (then recreate the whole table)."""
+    """The transaction that turns the applied `old` table into `new`, touching only the Service
+    ports that changed; None when the fixed part differs (then recreate the whole table)."""
     if old.skeleton != new.skeleton or old.family != new.family:
         return None
-    prefix = f"{new.family.table_family} {TABLE}"
-    old_chains, old_sets, old_elements = _service_parts(old)
-    new_chains, new_sets, new_elements = _service_parts(new)
-    added = [n for n in new_chains if n not in old_chains]
-    changed = [n for n in new_chains if n in old_chains and old_chains[n] != new_chains[n]]
-    removed = [n for n in old_chains if n not in new_chains]
-    lines = [f"add {'map' if _is_map(spec) else 'set'} {prefix} {name} {spec}"
-             for name, spec in new_sets.items() if old_sets.get(name) != spec]
-    lines += [f"add chain {prefix} {new_chains[n][0]}" for n in added]
-    lines += [f"flush chain {prefix} {n}" for n in changed]
-    for n in (*added, *changed):
-        lines += [f"add rule {prefix} {n} {rule}" for rule in new_chains[n][1]]
-    for key, value in old_elements.items():
-        if new_elements.get(key) != value:
-            lines.append(f"delete element {prefix} {key[0]} {{ {key[1]} }}")
-    for (name, key), (value, comment) in new_elements.items():
-        if old_elements.get((name, key)) != (value, comment):
-            lines.append(_element_line(prefix, name, key, value, comment))
-    lines += [f"flush chain {prefix} {n}" for n in removed]
-    lines += [f"delete chain {prefix} {n}" for n in removed]
-    lines += [f"delete set {prefix} {name}" for name in old_sets if name not in new_sets]
-    # an affinity set whose timeout changed was re-added above with a different spec: nft
-    # refuses to change a set's properties, so such a change goes through a full sync.
-    if any(name in old_sets and old_sets[name] != spec for name, spec in new_sets.items()):
+    changed = _changed_blocks(old, new)
+    old_elements, old_shared = old.element_refs(), old.shared_refs()
+    if not changed:
+        new._element_refs, new._shared_refs = old_elements, old_shared
+        return ""
+    element_refs, shared_refs = dict(old_elements), dict(old_shared)
+    values_before: dict[ElementKey, tuple[str, str]] = {}
+    values_after: dict[ElementKey, tuple[str, str]] = {}
+    chains_before: dict[str, tuple[str, ...]] = {}
+    chains_after: dict[str, tuple[str, ...]] = {}
+    sets_before: dict[str, str] = {}
+    sets_after: dict[str, str] = {}
+    for before, after in changed:
+        if before is not None:
+            _count(element_refs, before.elements, -1)
+            _count(shared_refs, before.shared_chains, -1)
+            values_before.update(before.elements)
+            chains_before.update(before.chains)
+            sets_before.update(before.sets)
+        if after is not None:
+            _count(element_refs, after.elements, +1)
+            _count(shared_refs, after.shared_chains, +1)
+            values_after.update(after.elements)
+            chains_after.update(after.chains)
+            sets_after.update(after.sets)
+    if any(name in sets_before and sets_before[name] != spec for name, spec in sets_after.items()):
+        return None  # nft cannot change a set's properties (an affinity timeout): recreate
+    if any(name not in old_shared for name in shared_refs):
+        # A new endpoint count needs a new pick chain, whose rules use the endpoint maps. nft
+        # 1.0.6 cannot add a rule using a map declared with `typeof ... : ip daddr . th dport`
+        # in an earlier transaction ("conflicting protocols specified: ip vs. th"), so the
+        # table is recreated, maps and pick chains together. Rare at scale: the common counts
+        # already have their chain.
         return None
+    new._element_refs, new._shared_refs = element_refs, shared_refs
+    return _delta_lines(table_prefix(new), old_elements, element_refs, values_before,
+                        values_after, old_shared, shared_refs, chains_before, chains_after,
+                        sets_before, sets_after)
+
+
+def _delta_lines(prefix, old_elements, new_elements, values_before, values_after, old_shared,
+                 new_shared, chains_before, chains_after, sets_before, sets_after) -> str:
+    lines = [_set_line(prefix, n, spec) for n, spec in sets_after.items() if n not in sets_before]
+    shared_removed = [n for n in old_shared if n not in new_shared]
+    added = [n for n in chains_after if n not in chains_before]
+    rewritten = [n for n in chains_after if n in chains_before and chains_before[n] != chains_after[n]]
+    removed = [n for n in chains_before if n not in chains_after]
+    lines += [f"add chain {prefix} {n}" for n in added]
+    lines += [f"flush chain {prefix} {n}" for n in rewritten]
+    for n in (*added, *rewritten):
+        lines += [f"add rule {prefix} {chain_name(n)} {rule}" for rule in chains_after[n]]
+    deletes = {k: values_before[k] for k in values_before if k in old_elements
+               and (k not in new_elements or values_after.get(k, values_before[k]) != values_before[k])}
+    adds = {k: values_after[k] for k in values_after if k in new_elements
+            and (k not in old_elements or k in deletes)}
+    lines += _elements_lines(prefix, "delete", dict(sorted(deletes.items())))
+    lines += _elements_lines(prefix, "add", dict(sorted(adds.items())))
+    # chains go only after the elements and rules that jumped to them
+    lines += [f"flush chain {prefix} {n}" for n in (*removed, *shared_removed)]
+    lines += [f"delete chain {prefix} {n}" for n in (*removed, *shared_removed)]
+    lines += [f"delete set {prefix} {n}" for n in sets_before if n not in sets_after]
     return "\n".join(lines) + "\n" if lines else ""

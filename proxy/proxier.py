@@ -9,6 +9,8 @@ the kernel and is retried. Bad objects are reported once each, never crash the d
 from __future__ import annotations
 
 import asyncio
+import gc
+import json
 import logging
 import time
 
@@ -16,7 +18,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from netplane import daemon
 from netplane.proxy import conntrack
-from netplane.proxy.model import Model, NodeFacts, build_model
+from netplane.proxy.model import HealthCheck, Model, ModelBuilder, NodeFacts, health_checks
 
 log = logging.getLogger("proxy")
 
@@ -36,9 +38,11 @@ STALE_AFTER = 30.0  # seconds a change may wait for a sync before /healthz repor
 
 class Proxier:
     def __init__(self, view, node: NodeFacts, backend, clean_conntrack: bool = True,
-                 clock=time.monotonic):
+                 clock=time.monotonic, health_servers: "HealthCheckServers | None" = None):
         self.view = view
         self.node = node
+        self.builder = ModelBuilder(node)  # converts only the objects that changed
+        self.health_servers = health_servers
         self.backend = backend
         self.clean_conntrack = clean_conntrack
         self.clock = clock
@@ -51,7 +55,7 @@ class Proxier:
             self.pending_since = self.clock()
 
     def model(self) -> Model:
-        return build_model(self.view.list("Service"), self.view.list("EndpointSlice"), self.node)
+        return self.builder.build(self.view.list("Service"), self.view.list("EndpointSlice"))
 
     def _report(self, model: Model) -> None:
         errors = set(model.errors)
@@ -83,6 +87,13 @@ class Proxier:
         self.synced_once = True
         daemon.log_fields(log, logging.INFO, "synced", full=result.full, services=result.services,
                           rules=result.rules, bytes=result.bytes, seconds=round(elapsed, 4))
+        if result.full:
+            # The watch cache's objects and the rendered rules live long: keep the cyclic
+            # collector from walking a million of them again on every full collection (a
+            # 0.5 s pause at 10,000 Services, in the middle of a partial sync).
+            gc.freeze()
+        if self.health_servers is not None:
+            await self.health_servers.update(health_checks(model))
         if self.clean_conntrack:
             deleted = await asyncio.to_thread(conntrack.clean_stale_udp, model, self.backend.namespace)
             if deleted:
@@ -95,6 +106,77 @@ class Proxier:
         if self.pending_since is not None and self.clock() - self.pending_since > STALE_AFTER:
             return False, f"a change has waited {self.clock() - self.pending_since:.0f}s to be programmed"
         return True, "ok"
+
+
+class HealthCheckServers:
+    """An HTTP server on each healthCheckNodePort of the Services with externalTrafficPolicy
+    Local (kube-proxy's service health server): GET / answers 200 with
+    {"service": {"namespace", "name"}, "localEndpoints": N} when this node has N > 0 ready
+    endpoints for it, else 503. Ports open and close as Services change."""
+
+    def __init__(self, addresses: tuple[str, ...] = (), proxy_healthy=lambda: (True, "ok")):
+        self.addresses = addresses or ("0.0.0.0",)
+        self.proxy_healthy = proxy_healthy
+        self.checks: dict[int, HealthCheck] = {}
+        self.sites: dict[int, list] = {}
+        self.runner = None
+
+    async def update(self, checks: dict[int, HealthCheck]) -> None:
+        from aiohttp import web
+        self.checks = checks  # answers change at once; only new or gone ports open or close
+        if self.runner is None:
+            app = web.Application()
+            app.router.add_get("/", self._answer)
+            self.runner = web.AppRunner(app, access_log=None)
+            await self.runner.setup()
+        for number in [n for n in self.sites if n not in checks]:
+            for site in self.sites.pop(number):
+                await site.stop()
+            daemon.log_fields(log, logging.INFO, "health check port closed", port=number)
+        for number, check in checks.items():
+            if number not in self.sites:
+                await self._open(number, check)
+
+    async def _open(self, number: int, check: HealthCheck) -> None:
+        from aiohttp import web
+        sites = []
+        try:
+            for address in self.addresses:
+                site = web.TCPSite(self.runner, address, number, reuse_address=True)
+                await site.start()
+                sites.append(site)
+        except OSError as err:  # e.g. the port is taken: report, try again at the next sync
+            for site in sites:
+                await site.stop()
+            daemon.log_fields(log, logging.WARNING, "cannot open health check port", port=number,
+                              service=f"{check.namespace}/{check.name}", error=str(err))
+            return
+        self.sites[number] = sites
+        daemon.log_fields(log, logging.INFO, "health check port open", port=number,
+                          service=f"{check.namespace}/{check.name}")
+
+    async def _answer(self, request):
+        from aiohttp import web
+        sockname = request.transport.get_extra_info("sockname") if request.transport else None
+        check = self.checks.get(sockname[1]) if sockname else None
+        if check is None:
+            return web.Response(status=404, text="no Service here\n")
+        status, body, headers = health_answer(check, self.proxy_healthy()[0])
+        return web.Response(status=status, text=body, content_type="application/json", headers=headers)
+
+    async def close(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+            self.runner, self.sites = None, {}
+
+
+def health_answer(check: HealthCheck, proxy_healthy: bool) -> tuple[int, str, dict]:
+    """(status, JSON body, headers) for a health check, as kube-proxy answers it."""
+    body = {"service": {"namespace": check.namespace, "name": check.name},
+            "localEndpoints": check.local_endpoints, "serviceProxyHealthy": proxy_healthy}
+    status = 200 if check.local_endpoints > 0 and proxy_healthy else 503
+    headers = {"X-Load-Balancing-Endpoint-Weight": str(check.local_endpoints)}
+    return status, json.dumps(body) + "\n", headers
 
 
 def run_daemon(args, node: NodeFacts) -> int:
@@ -111,8 +193,10 @@ def run_daemon(args, node: NodeFacts) -> int:
     async def main(stop: asyncio.Event) -> None:
         client = Client(args.server)
         view = WatchView(client, ["Service", "EndpointSlice"])
+        health_servers = HealthCheckServers(node.node_ips, healthy)
         proxier = holder["proxier"] = Proxier(view, node, backend_for(args.backend),
-                                              clean_conntrack=args.conntrack_cleanup == "on")
+                                              clean_conntrack=args.conntrack_cleanup == "on",
+                                              health_servers=health_servers)
         runner = CoalescingRunner(proxier.sync, min_interval=args.min_sync_interval, retry_interval=1.0)
 
         def changed() -> None:
@@ -128,6 +212,7 @@ def run_daemon(args, node: NodeFacts) -> int:
                 runner.request()
                 await runner.run(stop)
         finally:
+            await health_servers.close()
             await view.stop()
             await client.close()
 

@@ -3,6 +3,7 @@ stale UDP conntrack clean-up (answers resume within 1 s when the endpoint is rep
 /healthz and /metrics. The API server and the proxy run inside the test's node namespace."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -153,3 +154,47 @@ def test_rules_follow_the_api_and_udp_answers_resume_after_endpoint_replaced(lab
     assert "netplane_proxy_last_sync_timestamp_seconds" in metrics
     assert "netplane_proxy_rules_programmed" in metrics
 
+
+
+def health_service(policy: str) -> str:
+    return f"""
+apiVersion: v1
+kind: Service
+metadata: {{name: local-web, namespace: default}}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.60
+  externalTrafficPolicy: {policy}
+  healthCheckNodePort: 32100
+  selector: {{app: web}}
+  ports: [{{name: http, port: 80, targetPort: 8080, protocol: TCP, nodePort: 30090}}]
+"""
+
+
+def health_slice(node_name: str) -> str:
+    return f"""
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: local-web-1, namespace: default, labels: {{kubernetes.io/service-name: local-web}}}}
+addressType: IPv4
+endpoints: [{{addresses: [{EP1}], nodeName: {node_name}}}]
+ports: [{{name: http, port: 8080, protocol: TCP}}]
+"""
+
+
+def test_health_check_node_port_answers_with_local_endpoints(lab: Lab) -> None:
+    url = f"http://{NODE_IP}:32100/"
+    lab.apply(health_service("Local") + "---" + health_slice("node-a"))
+    code, body = wait_until(lambda: (lambda r: r if r[0] == 200 else None)(lab.http_get(url)),
+                            what="health check 200 with a local endpoint")
+    answer = json.loads(body)
+    assert answer["service"] == {"namespace": "default", "name": "local-web"}
+    assert answer["localEndpoints"] == 1
+
+    lab.apply(health_slice("node-b"))  # the only endpoint is now on another node
+    code, body = wait_until(lambda: (lambda r: r if r[0] == 503 else None)(lab.http_get(url)),
+                            what="health check 503 without a local endpoint")
+    assert json.loads(body)["localEndpoints"] == 0
+
+    lab.apply(health_service("Cluster"))  # no health check for externalTrafficPolicy Cluster
+    wait_until(lambda: lab.http_get(url)[0] == 0, what="health check port closed")

@@ -117,17 +117,39 @@ def tables(services, slices, node=NODE):
 
 def test_nft_delta_touches_only_the_changed_service():
     svcs = [service(), service(name="api", clusterIP="10.96.0.60")]
-    before = tables(svcs, [endpoint_slice(endpoints=[ep("10.244.1.1")]),
-                           endpoint_slice("api", endpoints=[ep("10.244.1.9")])])
+    two = [ep("10.244.1.8"), ep("10.244.1.9")]
+    before = tables(svcs, [endpoint_slice(endpoints=[ep("10.244.1.1")]), endpoint_slice("api", endpoints=two)])
     after = tables(svcs, [endpoint_slice(endpoints=[ep("10.244.1.1"), ep("10.244.1.2")]),
-                          endpoint_slice("api", endpoints=[ep("10.244.1.9")])])
-    delta = nft.delta_transaction(before[0], after[0])
-    lines = delta.splitlines()
-    assert "api" not in delta
-    assert any(line.startswith("add chain ip netplane endpoint-") and "10.244.1.2/8080" in line for line in lines)
+                          endpoint_slice("api", endpoints=two)])
+    lines = nft.delta_transaction(before[0], after[0]).splitlines()
+    assert not any("api" in line or "10.96.0.60" in line for line in lines)
     assert any(line.startswith("flush chain ip netplane service-") and "default/web/tcp/http" in line for line in lines)
-    assert any("numgen random mod 2" in line for line in lines)
+    assert any(line.endswith(" goto pick-endpoint-2") for line in lines)  # api's picker, re-used
+    assert "add element ip netplane service-endpoints { 10.96.0.50 . tcp . 80 . 1 : 10.244.1.2 . 8080 }" in lines
+    assert not any("hairpin-endpoints" in line for line in lines)  # 10.244.1.2 is not on this node
+    # the picker for one endpoint is no longer used: removed after the chain that used it changed
+    assert lines[-2:] == ["flush chain ip netplane pick-endpoint-1", "delete chain ip netplane pick-endpoint-1"]
     assert nft.delta_transaction(after[0], after[0]) == ""
+
+
+def test_nft_delta_with_a_new_endpoint_count_recreates_the_table():
+    # nft 1.0.6 cannot add a rule using the typeof endpoint maps outside their own transaction
+    before = tables([service()], [endpoint_slice(endpoints=[ep("10.244.1.1")])])
+    after = tables([service()], [endpoint_slice(endpoints=[ep("10.244.1.1"), ep("10.244.1.2")])])
+    assert nft.delta_transaction(before[0], after[0]) is None
+
+
+def test_nft_delta_keeps_elements_shared_with_unchanged_services():
+    local = [ep("10.244.1.1", node="worker-1")]
+    svcs = [service(), service(name="api", clusterIP="10.96.0.60")]
+    before = tables(svcs, [endpoint_slice(endpoints=local), endpoint_slice("api", endpoints=local)])
+    after = tables(svcs[1:], [endpoint_slice("api", endpoints=local)])
+    lines = nft.delta_transaction(before[0], after[0]).splitlines()
+    assert not any("hairpin-endpoints" in line for line in lines)  # the pod still backs "api"
+    assert "delete element ip netplane service-endpoints { 10.96.0.50 . tcp . 80 . 0 }" in lines
+    gone = tables([], [])
+    lines = nft.delta_transaction(after[0], gone[0]).splitlines()
+    assert "delete element ip netplane hairpin-endpoints { 10.244.1.1 . 10.244.1.1 }" in lines
 
 
 def test_nft_delta_removes_a_deleted_service_after_its_map_elements():
@@ -137,7 +159,16 @@ def test_nft_delta_removes_a_deleted_service_after_its_map_elements():
     first_chain_delete = next(i for i, l in enumerate(lines) if l.startswith("delete chain"))
     assert all(i < first_chain_delete for i, l in enumerate(lines) if l.startswith("delete element"))
     assert "delete element ip netplane service-ips { 10.96.0.50 . tcp . 80 }" in lines
-    assert sum(l.startswith("delete chain") for l in lines) == 2  # service + endpoint chain
+    assert [l.split()[-1] for l in lines if l.startswith("delete chain")] == [
+        next(l.split()[-1] for l in lines if l.startswith("flush chain ip netplane service-")), "pick-endpoint-1"]
+
+
+def test_nft_partial_syncs_reuse_unchanged_blocks():
+    builder = nft.TableBuilder()
+    model = build_model([service()], [endpoint_slice(endpoints=[ep("10.244.1.1")])], NODE)
+    first = builder.render(model, 4)
+    again = builder.render(model, 4)
+    assert next(iter(first.services.values())) is next(iter(again.services.values()))
 
 
 def test_nft_delta_falls_back_to_full_when_node_facts_change():
@@ -245,3 +276,26 @@ def test_proxier_keeps_pending_change_on_failure_and_reports_unhealthy():
     backend.fail = False
     asyncio.run(proxier.sync())
     assert proxier.healthy() == (True, "ok")
+
+
+# --- health checks ---------------------------------------------------------------------------
+
+def test_health_checks_count_ready_local_endpoints_of_local_policy_services():
+    from netplane.proxy.model import HealthCheck, health_checks
+    from netplane.proxy.proxier import health_answer
+    svc = service(type="NodePort", externalTrafficPolicy="Local", healthCheckNodePort=32000,
+                  ports=[{"name": "http", "port": 80, "nodePort": 30080},
+                         {"name": "dns", "port": 53, "protocol": "UDP", "nodePort": 30053}])
+    cluster = service(name="cluster", clusterIP="10.96.0.51", type="NodePort", healthCheckNodePort=32001,
+                      ports=[{"name": "http", "port": 80, "nodePort": 30081}])
+    slices = [endpoint_slice(endpoints=[ep("10.244.1.1", node="worker-1"), ep("10.244.2.1", node="worker-2"),
+                                        ep("10.244.1.2", node="worker-1", ready=False, serving=True,
+                                           terminating=True)],
+                             ports=[{"name": "http", "port": 8080}, {"name": "dns", "port": 53, "protocol": "UDP"}])]
+    checks = health_checks(build_model([svc, cluster], slices, NODE))
+    assert checks == {32000: HealthCheck("default", "web", 1)}  # the terminating one does not count
+    status, body, headers = health_answer(checks[32000], proxy_healthy=True)
+    assert status == 200 and headers["X-Load-Balancing-Endpoint-Weight"] == "1"
+    assert '"localEndpoints": 1' in body and '"name": "web"' in body
+    assert health_answer(HealthCheck("default", "web", 0), True)[0] == 503
+    assert health_answer(HealthCheck("default", "web", 2), False)[0] == 503
