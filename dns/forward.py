@@ -51,6 +51,7 @@ class Result:
     received: float
     ttl: int  # how long it may be cached (0: not at all)
     encoded: tuple | None = None  # (elapsed seconds when encoded, Tail)
+    fresh: Tail | None = None  # encoded as received; older forms are this with TTLs patched
 
     def aged(self, now: float) -> tuple[int, list, list, list]:
         """(elapsed seconds, records with TTLs lowered by the time spent in the cache)."""
@@ -66,14 +67,15 @@ class Result:
         return (elapsed, *out)
 
     def tail(self, qname: str, qtype: int, now: float) -> Tail:
-        """The encoded answer for the lower-case `qname`, re-encoded only when the remaining TTL
-        changes (at most once a second), so cache hits cost a dict lookup."""
+        """The encoded answer for the lower-case `qname`, changed only when the remaining TTL does
+        (at most once a second): encoded once, then its TTLs patched, so cache hits cost a lookup."""
         elapsed = int(now - self.received)
         if self.encoded and self.encoded[0] == elapsed:
             return self.encoded[1]
-        _, answer, authority, additional = self.aged(now)
-        tail = Tail.from_rrs(qname, qtype, self.rcode, answer, authority, additional,
-                             authoritative=False, truncated=self.truncated)
+        if self.fresh is None:
+            self.fresh = Tail.from_rrs(qname, qtype, self.rcode, self.answer, self.authority, self.additional,
+                                       authoritative=False, truncated=self.truncated)
+        tail = self.fresh.lowered(elapsed) if elapsed else self.fresh
         self.encoded = (elapsed, tail)
         return tail
 
@@ -179,19 +181,19 @@ class Forwarder:
             return Tail.from_rrs(qname, qtype, SERVFAIL, [], [], [], authoritative=False)
         return result.tail(qname, qtype, self.clock())
 
-    def cached_tail(self, key: bytes, qtype: int) -> Tail | None:
-        """A fresh cached answer, encoded, for the hot path (no coroutine, no parsing); `key` is the
-        lower-case wire name."""
+    def cached(self, key: bytes, qtype: int) -> tuple[Tail, float] | None:
+        """A fresh cached answer, encoded, and the seconds it stays exactly this (until its remaining
+        TTL drops by one, or ends), for the UDP thread's reply cache; `key` is the lower-case wire
+        name. Counts nothing: the caller's thread keeps its own counters."""
         entry = self.cache.get((key, qtype))
         if entry is None:
             return None
         now = self.clock()
         qname, result = entry
-        if now - result.received >= result.ttl:
+        age = now - result.received
+        if age >= result.ttl:
             return None
-        if self.metrics:
-            self.metrics.cache_hits += 1
-        return result.tail(qname, qtype, now)
+        return result.tail(qname, qtype, now), min(result.ttl, int(age) + 1) - age
 
     async def result(self, qname: str, qtype: int, tcp: bool = False) -> Result | None:
         now = self.clock()

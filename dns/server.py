@@ -1,8 +1,8 @@
-"""The I/O shell: UDP and TCP listeners on asyncio (uvloop in the daemon) around wire.respond().
+"""The I/O shell around wire.respond(): UDP on a thread of its own (udp.py: batched system calls, a
+cache of whole replies), TCP on asyncio (uvloop in the daemon), as are forwarded names.
 
 The server holds one Table and swaps it whole when the zone is rebuilt (an attribute assignment, so a
-query sees the old table or the new one, never a mix). Answers from the table are sent from inside
-datagram_received(); only forwarded names go through a task.
+query, or a UDP batch, sees the old table or the new one, never a mix).
 """
 from __future__ import annotations
 
@@ -13,12 +13,14 @@ from time import perf_counter
 
 from netplane.dns import wire
 from netplane.dns.metrics import DnsMetrics
+from netplane.dns.udp import UdpListener
 from netplane.dns.zone import NOERROR
 
 log = logging.getLogger("dns")
 
 TCP_IDLE_TIMEOUT = 10.0  # seconds, as CoreDNS
 MAX_TCP_PENDING = 100  # forwarded queries in flight per TCP connection
+FOREVER = float("inf")
 
 
 class DnsServer:
@@ -26,7 +28,7 @@ class DnsServer:
         self.table = table
         self.forwarder = forwarder
         self.metrics = metrics or DnsMetrics()
-        self._transports: list = []
+        self._udp: list = []
         self._servers: list[asyncio.base_events.Server] = []
         self._tasks: set[asyncio.Task] = set()
 
@@ -38,24 +40,25 @@ class DnsServer:
         Returns the bound address."""
         loop = asyncio.get_running_loop()
         for attempt in range(20):
-            transport, _ = await loop.create_datagram_endpoint(lambda: _UdpProtocol(self), local_addr=(host, port),
-                                                               reuse_port=reuse_port or None)
-            bound = transport.get_extra_info("sockname")[:2]
+            udp = UdpListener(self, host, port, reuse_port)
+            bound = udp.address
             try:
                 server = await loop.create_server(lambda: _TcpProtocol(self), host, bound[1], reuse_address=True,
                                                   reuse_port=reuse_port or None)
             except OSError:
-                transport.close()
+                udp.stop()
                 if port or attempt == 19:  # a fixed port is taken; or no free port for both
                     raise
                 continue  # the free UDP port is taken for TCP: another
-            self._transports.append(transport)
+            self.metrics.shards.append(udp.metrics)
+            udp.start(loop)
+            self._udp.append(udp)
             self._servers.append(server)
             return bound
 
     async def stop(self) -> None:
-        for transport in self._transports:
-            transport.close()
+        for udp in self._udp:
+            await asyncio.get_running_loop().run_in_executor(None, udp.stop)
         for server in self._servers:
             server.close()
             await server.wait_closed()
@@ -72,6 +75,22 @@ class DnsServer:
         if request is None or request.__class__ is bytes:
             return request
         return self._finish(request, query)
+
+    def cached_reply(self, table: wire.Table, query: bytes) -> tuple[bytes, float, int] | None:
+        """For a plain UDP query whose answer is already encoded (in `table`, or the forwarder's
+        cache): (reply, seconds it stays valid, 1 if forwarded else 0). None: ask answer()."""
+        fast = wire.parse_fast(query, False)
+        if fast is None:
+            return None
+        key, qtype, question_end, limit, edns = fast
+        tail = table.find(key, qtype)
+        if tail is not None:
+            return tail.reply(query, question_end, limit, edns), FOREVER, 0
+        cached = self.forwarder.cached(key, qtype) if self.forwarder is not None else None  # the zone first
+        if cached is None:
+            return None
+        tail, valid = cached
+        return tail.reply(query, question_end, limit, edns), valid, 1
 
     async def _finish(self, request, query: bytes) -> bytes | None:
         q = request.question
@@ -109,55 +128,6 @@ class DnsServer:
                 done(t.result())
 
         task.add_done_callback(finished)
-
-
-class _UdpProtocol(asyncio.DatagramProtocol):
-    def __init__(self, server: DnsServer):
-        self.server = server
-        self.metrics = server.metrics
-        self.transport = None
-        self.sendto = None
-
-    def connection_made(self, transport):
-        self.transport = transport
-        self.sendto = transport.sendto
-
-    def datagram_received(self, data: bytes, addr) -> None:
-        # The hot path, inlined (this is most queries): parse, look up, splice, send, count.
-        started = perf_counter()
-        fast = wire.parse_fast(data, False)
-        if fast is not None:
-            key, qtype, question_end, limit, edns = fast
-            tail = self.server.table.find(key, qtype)
-            if tail is None and self.server.forwarder is not None:
-                tail = self.server.forwarder.cached_tail(key, qtype)  # the zone first, always
-            if tail is not None:
-                self.sendto(tail.reply(data, question_end, limit, edns), addr)
-                self.metrics.count(qtype, tail.rcode, "udp", started)
-                return
-        self._slow(data, addr, started)
-
-    def _slow(self, data: bytes, addr, started: float) -> None:
-        server = self.server
-        try:
-            reply = server.answer(data, False)
-        except Exception:  # a bug must cost one query, not the server
-            log.exception("query failed")
-            reply = wire.error_reply(data, 2)
-        if reply is None:
-            self.metrics.dropped += 1
-        elif reply.__class__ is bytes:
-            self.sendto(reply, addr)
-            self.metrics.answered(reply, "udp", started)
-        else:
-            def send(message: bytes | None) -> None:
-                if message and not self.transport.is_closing():
-                    self.sendto(message, addr)
-                    self.metrics.answered(message, "udp", started)
-            server.spawn(reply, send)
-
-    def error_received(self, exc) -> None:
-        pass  # an ICMP error about a client that went away: nothing to do
 
 
 class _TcpProtocol(asyncio.Protocol):

@@ -8,7 +8,8 @@ question bytes + tail body`. Because dnslib compresses owner names into pointers
 
 Table maps (lower-cased wire name, qtype) to its Tail, encoded on first use and kept; a Table for a
 rebuilt zone keeps the Tails whose answers did not change. It is swapped as a whole, so there is
-nothing to invalidate.
+nothing to invalidate. It also holds the UDP thread's whole-reply cache (`replies`, see udp.py), which
+a new Table starts empty.
 
 respond() is pure: bytes in, and either reply bytes, None (drop), or a Forward / Chase request that
 the server resolves upstream before finishing with Tail.reply().
@@ -88,7 +89,7 @@ class Tail:
     `answer` is the zone Answer it encodes (None for forwarded answers), so a rebuilt Table can keep
     this Tail when the new zone gives the same Answer."""
 
-    __slots__ = ("rcode", "heads", "bodies", "sizes", "qname", "answer")
+    __slots__ = ("rcode", "heads", "bodies", "sizes", "qname", "answer", "records")
 
     def __init__(self, rcode: int, counts: tuple[int, int, int], body: bytes,
                  authoritative: bool = True, truncated: bool = False):
@@ -96,6 +97,7 @@ class Tail:
         self.qname = ""
         self.answer = None
         an, ns, ar = counts
+        self.records = an + ns + ar
         self.bodies = (body, body + OPT_RR, b"", OPT_RR)
         self.sizes = tuple(len(b) for b in self.bodies)
         forms = ((an, ns, ar, truncated), (an, ns, ar + 1, truncated), (0, 0, 0, True), (0, 0, 1, True))
@@ -125,6 +127,20 @@ class Tail:
         tail.qname, tail.answer = qname, answer
         return tail
 
+    def lowered(self, seconds: int) -> "Tail":
+        """This answer with every record's TTL lowered by `seconds` (not below 0): a cached forwarded
+        answer as it ages, patched in place of encoding it again (the sizes do not change)."""
+        body = bytearray(self.bodies[0])
+        for at in ttl_offsets(body, self.records):
+            ttl = int.from_bytes(body[at:at + 4], "big")
+            body[at:at + 4] = max(0, ttl - seconds).to_bytes(4, "big")
+        tail = object.__new__(Tail)
+        tail.rcode, tail.heads, tail.sizes, tail.qname, tail.answer, tail.records = (
+            self.rcode, self.heads, self.sizes, self.qname, self.answer, self.records)
+        body = bytes(body)
+        tail.bodies = (body, body + OPT_RR, b"", OPT_RR)
+        return tail
+
     def reply(self, query: bytes, question_end: int, limit: int, edns: bool) -> bytes:
         """The reply to `query` (whose question ends at `question_end`); truncated (TC, no records)
         when it would exceed `limit` bytes."""
@@ -133,6 +149,19 @@ class Tail:
             form += 2
         echo = (query[2] & 1) | ((query[3] >> 3) & 2)
         return b"".join((query[:2], self.heads[form][echo], query[12:question_end], self.bodies[form]))
+
+
+def ttl_offsets(body: bytes, count: int) -> list[int]:
+    """Where the TTL field of each of the `count` records at the start of `body` is. An owner name
+    is labels up to a zero byte, or up to a compression pointer (two bytes)."""
+    offsets, at = [], 0
+    for _ in range(count):
+        while body[at] and body[at] < 0xC0:
+            at += 1 + body[at]
+        at += 2 if body[at] else 1  # the pointer, or the root label
+        offsets.append(at + 4)  # after type and class
+        at += 10 + ((body[at + 8] << 8) | body[at + 9])  # type, class, TTL, rdlength, rdata
+    return offsets
 
 
 class Table:
@@ -147,6 +176,9 @@ class Table:
         self.zone = zone
         self.entries: dict[bytes, dict[int, Tail]] = {}
         self.size = 0
+        # query bytes after the id -> (reply after the id, metrics key, valid until, forwarded 0/1);
+        # written by the UDP thread only
+        self.replies: dict[bytes, tuple[bytes, tuple, float, int]] = {}
         if previous is not None and previous.zone.synced and zone.synced:
             self._keep_unchanged(previous)
 

@@ -1,0 +1,113 @@
+"""Cluster DNS in a real lab: a pod asks kube-dns (10.96.0.10, the `netplane dns serve` pod behind it)
+through its own resolv.conf. A deleted Service is NXDOMAIN within a second; the search path resolves
+a short name and a name.namespace name.
+
+A two-node lab (the DNS pod on the control plane, the probe pod on worker-1: the query crosses nodes
+and the ClusterIP DNAT). Services without selectors: DNS needs a ClusterIP, not endpoints, so no
+Deployment has to start. Never two labs at once: if one is already up, the module is skipped.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+
+import pytest
+
+from netplane import lab, netns
+from netplane.client import Client
+from netplane.demo import PROBE_POD, ensure_probe_pod, netplane
+from tests.conftest import needs_root
+
+pytestmark = [pytest.mark.e2e, needs_root]
+
+NODES = lab.lab_nodes(2)
+SERVER = lab.api_url(NODES)
+KUBE_DNS = "10.96.0.10"
+OTHER_NAMESPACE = "np-dns-other"
+NXDOMAIN_WITHIN = 1.0  # seconds, the issue's bound
+
+
+def service(name: str, namespace: str = "default") -> dict:
+    return {"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": namespace},
+            "spec": {"ports": [{"name": "http", "port": 80}]}}
+
+
+async def _create(objects: list[dict]) -> list[dict]:
+    async with Client(SERVER) as client:
+        return [await client.create(obj) for obj in objects]
+
+
+async def _delete(kind: str, name: str, namespace: str | None = None) -> None:
+    async with Client(SERVER) as client:
+        await client.delete(kind, name, namespace)
+
+
+def dig(pod_ns: str, name: str, *options: str) -> tuple[str, list[str]]:
+    """(status, answer addresses) of `dig @kube-dns name` run in the pod's namespace."""
+    out = netns.run(["dig", f"@{KUBE_DNS}", "+time=1", "+tries=1", *options, name], netns=pod_ns, check=False).stdout
+    status = next((line.split("status: ")[1].split(",")[0] for line in out.splitlines() if "status: " in line),
+                  "NO REPLY")
+    answers = [line.split()[-1] for line in out.split(";; ANSWER SECTION:\n", 1)[-1].split("\n\n")[0].splitlines()
+               if " IN A " in line.replace("\t", " ")] if ";; ANSWER SECTION:" in out else []
+    return status, answers
+
+
+def getent(pod_ns: str, name: str) -> list[str]:
+    """The pod's own stub resolver (glibc: its resolv.conf, search path, ndots) on `name`."""
+    return netns.run(["getent", "hosts", name], netns=pod_ns, check=False).stdout.split()
+
+
+@pytest.fixture(scope="module")
+def pod_ns():
+    """A 2-node lab with the probe pod; its network namespace. `lab down` even when a test fails."""
+    if os.path.exists(f"/sys/class/net/{lab.UNDERLAY_BRIDGE}"):
+        pytest.skip(f"a lab is already up (bridge {lab.UNDERLAY_BRIDGE} exists): never two at once; "
+                    "`netplane lab down` first if it is a leftover")
+    up = netplane("lab", "up", "--nodes", str(len(NODES)), "--timeout", "30", check=False)
+    if up.returncode != 0 and "already up" in up.stdout + up.stderr:
+        pytest.skip("another lab came up meanwhile: never two at once (and it is not ours to take down)")
+    try:
+        assert up.returncode == 0, f"lab up failed:\n{up.stdout}\n{up.stderr}"
+        ensure_probe_pod(SERVER)
+        found = lab.pod_netns(PROBE_POD["metadata"]["name"], "default")
+        assert found, "the probe pod has no network namespace"
+        yield found
+    finally:
+        netplane("lab", "down", check=False)
+
+
+def wait_status(pod_ns: str, name: str, wanted: str, timeout: float) -> tuple[float, tuple[str, list[str]]]:
+    """Ask until the status is `wanted`; (seconds it took, last (status, answers))."""
+    started = time.monotonic()
+    while True:
+        result = dig(pod_ns, name)
+        if result[0] == wanted or time.monotonic() - started > timeout:
+            return time.monotonic() - started, result
+        time.sleep(0.02)
+
+
+def test_deleted_service_is_nxdomain_within_a_second(pod_ns):
+    name = "short-lived.default.svc.cluster.local"
+    created = asyncio.run(_create([service("short-lived")]))[0]
+    took, (status, answers) = wait_status(pod_ns, name, "NOERROR", timeout=10)
+    assert (status, answers) == ("NOERROR", [created["spec"]["clusterIP"]]), f"after {took:.1f}s"
+    asyncio.run(_delete("Service", "short-lived", "default"))
+    took, (status, answers) = wait_status(pod_ns, name, "NXDOMAIN", timeout=5)
+    assert status == "NXDOMAIN", f"still {status} {answers} {took:.2f}s after the delete"
+    print(f"NXDOMAIN {took * 1000:.0f} ms after the delete")
+    assert took < NXDOMAIN_WITHIN, f"NXDOMAIN only after {took:.2f}s"
+
+
+def test_search_path_resolves_short_and_namespaced_names(pod_ns):
+    echo, db = asyncio.run(_create([
+        service("echo"),
+        {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": OTHER_NAMESPACE}},
+        service("db", OTHER_NAMESPACE)]))[::2]
+    resolv = netns.run(["cat", "/etc/resolv.conf"], netns=pod_ns).stdout
+    assert f"nameserver {KUBE_DNS}" in resolv and "search default.svc.cluster.local svc.cluster.local" in resolv
+    wait_status(pod_ns, f"db.{OTHER_NAMESPACE}.svc.cluster.local", "NOERROR", timeout=10)
+    assert getent(pod_ns, "echo") == [echo["spec"]["clusterIP"], "echo.default.svc.cluster.local"]
+    assert getent(pod_ns, f"db.{OTHER_NAMESPACE}") == [db["spec"]["clusterIP"],
+                                                        f"db.{OTHER_NAMESPACE}.svc.cluster.local"]
+    assert getent(pod_ns, "db") == [], "a short name must not leave the pod's own namespace"
