@@ -1,19 +1,25 @@
 """Ingress benchmark: netplane ingress against nginx, same routes, same backend, one worker each, one run.
 
-    .venv/bin/python bench/ingress.py [--duration 8] [--connections 64] [--rounds 2] [--access-log]
+    .venv/bin/python bench/ingress.py [--duration 8] [--connections 64] [--rounds 3] [--access-log]
+                                      [--backend nginx|echo] [--scenario "1 route"|4x50]
 
-Backend: `netplane echo` (uvloop + httptools) on loopback. Both proxies keep upstream connections
-alive (nginx: `keepalive 64`, HTTP/1.1, `Connection ""`) and set the same forwarding headers.
-Scenarios: `1 route` (one Ingress, one host, one path) and `4x50` (4 Ingresses, each its own host
-with 50 Prefix paths; requests hit a path in the middle of the set).
-On a machine with 2+ cores the proxy is pinned to cpu0 and wrk + backend share the others, so
-compare CPU per request (proxy utime+stime from /proc over the run) as much as requests per second.
+Backend (the same one for both proxies): by default a separate nginx (1 worker) answering a fixed
+200 with a small body, so the backend is never what limits the proxies; `--backend echo` uses
+`netplane echo` (uvloop + httptools), which caps both proxies near its own speed. Both proxies keep
+upstream connections alive (nginx: `keepalive 64`, HTTP/1.1, `Connection ""`) and set the same
+forwarding headers. Scenarios: `1 route` (one Ingress, one host, one path) and `4x50` (4 Ingresses,
+each its own host with 50 Prefix paths; requests hit a path in the middle of the set).
+On a machine with 2+ cores both proxies are pinned to cpu0 and wrk + backend share the others.
+Rounds alternate which proxy goes first (drift from other load hits both alike); each line shows
+the 1-minute load average before it. Summary: the median of the rounds for each figure, and the
+ratios netplane/nginx of those medians. CPU per request = proxy utime+stime (/proc) / requests.
 Needs wrk and nginx (Debian: wrk, nginx-light or nginx).
 """
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import re
 import shutil
 import socket
@@ -103,7 +109,7 @@ http {{
   client_body_temp_path {workdir}/body; proxy_temp_path {workdir}/proxy;
   fastcgi_temp_path {workdir}/fcgi; uwsgi_temp_path {workdir}/uwsgi; scgi_temp_path {workdir}/scgi;
   keepalive_requests 100000;
-  upstream echo {{ server 127.0.0.1:{backend_port}; keepalive 64; }}
+  upstream echo {{ server 127.0.0.1:{backend_port}; keepalive 64; keepalive_requests 1000000; }}
   proxy_http_version 1.1;
   proxy_set_header Connection "";
   proxy_set_header Host $http_host;
@@ -119,6 +125,35 @@ http {{
     path.write_text(conf)
     return path
 
+
+
+BACKEND_BODY = "hello from the bench backend\n"
+
+
+def backend_nginx_conf(workdir: Path, port: int) -> Path:
+    """A backend that is not the bottleneck: nginx answering a fixed small response."""
+    root = workdir / "backend"
+    root.mkdir(exist_ok=True)
+    conf = f"""worker_processes 1;
+daemon off;
+pid {root}/nginx.pid;
+error_log {root}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  client_body_temp_path {root}/body; proxy_temp_path {root}/proxy;
+  fastcgi_temp_path {root}/fcgi; uwsgi_temp_path {root}/uwsgi; scgi_temp_path {root}/scgi;
+  keepalive_requests 1000000;
+  keepalive_timeout 300s;
+  server {{
+    listen 127.0.0.1:{port} backlog=4096;
+    location / {{ default_type text/plain; return 200 "{BACKEND_BODY.rstrip()}\\n"; }}
+  }}
+}}
+"""
+    path = root / "nginx.conf"
+    path.write_text(conf)
+    return path
 
 # ------------------------------------------------------------------------------ measuring
 
@@ -138,8 +173,8 @@ def process_tree(pid: int) -> list[int]:
 
 
 def parse_ms(text: str) -> float:
-    value, unit = re.fullmatch(r"([\d.]+)(us|ms|s)", text).groups()
-    return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+    value, unit = re.fullmatch(r"([\d.]+)(us|ms|s|m|h)", text).groups()   # wrk's units
+    return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0, "h": 3_600_000.0}[unit]
 
 
 def run_wrk(port: int, host: str, path: str, duration: int, connections: int, cpus: str | None,
@@ -164,7 +199,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--duration", type=int, default=8)
     parser.add_argument("--connections", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--backend", choices=("nginx", "echo"), default="nginx")
+    parser.add_argument("--scenario", action="append", choices=SCENARIOS,
+                        help="run only this scenario (repeatable; default: all)")
     parser.add_argument("--access-log", action="store_true", help="both proxies log every request")
     args = parser.parse_args(argv)
     for tool in ("wrk", "nginx"):
@@ -178,20 +216,19 @@ def main(argv: list[str] | None = None) -> int:
         workdir = Path(tmp)
         try:
             backend_port = free_port()
-            backend = subprocess.Popen(pinned([*NETPLANE, "echo", "--port", str(backend_port)], load_cpus),
-                                       env={**os.environ, "POD_NAME": "bench-echo"}, stdout=subprocess.DEVNULL)
+            backend = start_backend(args.backend, workdir, backend_port, load_cpus)
             procs.append(backend)
             wait_port(backend_port, backend)
-            print(f"proxy on cpu {proxy_cpu or 'any'}; wrk and backend on cpus {load_cpus or 'any'}; "
-                  f"wrk -t1 -c{args.connections} -d{args.duration}s; access log "
+            print(f"backend {args.backend} on cpus {load_cpus or 'any'}; proxies on cpu {proxy_cpu or 'any'}; "
+                  f"wrk -t1 -c{args.connections} -d{args.duration}s on cpus {load_cpus or 'any'}; access log "
                   f"{'on' if args.access_log else 'off'} for both")
             print(f"{'scenario':<9} {'proxy':<9} {'round':>5} {'req/s':>9} {'p50 ms':>7} {'p99 ms':>7} "
-                  f"{'CPU us/req':>10} {'errors':>6}")
-            for name in ("1 route", "4x50"):
+                  f"{'CPU us/req':>10} {'errors':>6} {'load1':>6}")
+            for name in args.scenario or SCENARIOS:
                 objects, host, path = scenario(name, backend_port)
                 results = measure_scenario(name, objects, host, path, workdir, backend_port, args,
                                            proxy_cpu, load_cpus, procs)
-                report_ratio(name, results)
+                report_summary(name, results)
         finally:
             for proc in reversed(procs):
                 if proc.poll() is None:
@@ -201,6 +238,21 @@ def main(argv: list[str] | None = None) -> int:
                     except subprocess.TimeoutExpired:
                         proc.kill()
     return 0
+
+
+SCENARIOS = ("1 route", "4x50")
+
+
+def start_backend(kind: str, workdir: Path, port: int, cpus: str | None) -> subprocess.Popen:
+    if kind == "nginx":
+        argv = ["nginx", "-c", str(backend_nginx_conf(workdir, port))]
+        return subprocess.Popen(pinned(argv, cpus))
+    return subprocess.Popen(pinned([*NETPLANE, "echo", "--port", str(port)], cpus),
+                            env={**os.environ, "POD_NAME": "bench-echo"}, stdout=subprocess.DEVNULL)
+
+
+def load1() -> float:
+    return float(Path("/proc/loadavg").read_text().split()[0])
 
 
 def measure_scenario(name, objects, host, path, workdir, backend_port, args, proxy_cpu, load_cpus, procs):
@@ -227,13 +279,17 @@ def measure_scenario(name, objects, host, path, workdir, backend_port, args, pro
                                     f"http://127.0.0.1:{ports[proxy]}{path}"], capture_output=True, text=True)
             if check.stdout != "200":
                 raise RuntimeError(f"{proxy} answered {check.stdout} for {host}{path}")
+        for proxy, proc in servers.items():   # warm up: pools filled, code paths hot
+            run_wrk(ports[proxy], host, path, 1, args.connections, load_cpus, process_tree(proc.pid))
         for round_ in range(1, args.rounds + 1):
-            for proxy, proc in servers.items():
-                pids = process_tree(proc.pid)
+            order = list(servers) if round_ % 2 else list(reversed(servers))
+            for proxy in order:
+                load = load1()
+                pids = process_tree(servers[proxy].pid)
                 fig = run_wrk(ports[proxy], host, path, args.duration, args.connections, load_cpus, pids)
                 results[proxy].append(fig)
                 print(f"{name:<9} {proxy:<9} {round_:>5} {fig.rps:>9.0f} {fig.p50_ms:>7.2f} {fig.p99_ms:>7.2f} "
-                      f"{fig.cpu_us_per_req:>10.1f} {fig.errors:>6}", flush=True)
+                      f"{fig.cpu_us_per_req:>10.1f} {fig.errors:>6} {load:>6.2f}", flush=True)
     finally:
         for proc in servers.values():
             proc.terminate()
@@ -241,12 +297,18 @@ def measure_scenario(name, objects, host, path, workdir, backend_port, args, pro
     return results
 
 
-def report_ratio(name: str, results: dict[str, list[Figures]]) -> None:
-    def best(proxy):   # the better round of each, so one noisy round does not decide
-        return max(results[proxy], key=lambda f: f.rps)
-    ours, theirs = best("netplane"), best("nginx")
-    print(f"{name:<9} ratio netplane/nginx: req/s {ours.rps / theirs.rps:.2f}x, "
-          f"p99 {ours.p99_ms / theirs.p99_ms:.2f}x, CPU/req {ours.cpu_us_per_req / theirs.cpu_us_per_req:.2f}x")
+def report_summary(name: str, results: dict[str, list[Figures]]) -> None:
+    """Medians over the rounds (one noisy round does not decide), then the ratios of the medians."""
+    med = {proxy: Figures(*(statistics.median(getattr(f, field) for f in figs)
+                            for field in ("rps", "p50_ms", "p99_ms", "cpu_us_per_req", "errors")))
+           for proxy, figs in results.items()}
+    for proxy, fig in med.items():
+        print(f"{name:<9} {proxy:<9} {'median':>5} {fig.rps:>9.0f} {fig.p50_ms:>7.2f} {fig.p99_ms:>7.2f} "
+              f"{fig.cpu_us_per_req:>10.1f} {fig.errors:>6.0f}")
+    ours, theirs = med["netplane"], med["nginx"]
+    print(f"{name:<9} ratio netplane/nginx (medians): req/s {ours.rps / theirs.rps:.2f}x, "
+          f"p50 {ours.p50_ms / theirs.p50_ms:.2f}x, p99 {ours.p99_ms / theirs.p99_ms:.2f}x, "
+          f"CPU/req {ours.cpu_us_per_req / theirs.cpu_us_per_req:.2f}x", flush=True)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import os
 import sys
@@ -211,6 +212,10 @@ async def serve_worker(args, stop: asyncio.Event, state: WorkerState) -> None:
         servers = await open_listeners(loop, proxy, args, certificates)
         proxy.start_sweeper()
         register_metrics(proxy)
+        # The startup heap (modules, the first table) is never garbage; a full collection walking
+        # it stalls every connection for ~10 ms (a p99 spike), so move it out of the collector's way.
+        gc.collect()
+        gc.freeze()
         state.ready = True
         announce_ready(args)
         await runner.run(stop)

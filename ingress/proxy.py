@@ -1,8 +1,9 @@
 """The HTTP/1.1 reverse proxy: asyncio.Protocol + httptools on uvloop, no framework on the hot path.
 
 One ClientConnection per downstream connection parses requests with httptools; each request becomes
-an Exchange, routed through the current RouteTable (looked up per request, so a swapped table takes
-effect at once without touching open connections). Exchanges run one at a time per connection, in
+an Exchange, routed through the current RouteTable (looked up per request, through a cache of
+(Host, path) lookups that is dropped with each swap, so a swapped table takes effect at once without
+touching open connections). Exchanges run one at a time per connection, in
 order (pipelined requests wait their turn). An Exchange borrows an UpstreamConnection from the pool
 of its endpoint (round-robin across the backend's ready endpoints), writes the rebuilt request head,
 streams the body, and streams the response back; then the upstream connection returns to its pool.
@@ -53,6 +54,10 @@ _STATUS_LINES = {code: b"HTTP/1.1 %d %s\r\n" % (code, phrase) for code, phrase i
 _BUFFER_HIGH = 256 * 1024
 # Keep a copy of what was sent upstream (for a retry on a stale pooled connection) up to this size.
 _RETAIN_LIMIT = 64 * 1024
+# Route lookups are cached per (Host header, path) while a table is current, up to this many; the
+# cache is dropped whole when full (cheaper than LRU bookkeeping per request) and on every swap.
+_ROUTE_CACHE_SIZE = 4096
+_ROUTE_CACHE_MAX_KEY = 512    # longer host+path pairs are looked up every time, never cached
 # A lingering close reads and drops at most this much, for at most this long.
 _LINGER_BYTES = 64 * 1024 * 1024
 _LINGER_SECONDS = 2.0
@@ -123,6 +128,7 @@ class Proxy:
 
     def __init__(self, table: RouteTable, settings: Settings = Settings()):
         self.table = table
+        self.route_cache: dict[tuple[bytes, bytes], Route] = {}
         self.settings = settings
         self.stats = Stats()
         self.access_log = AccessLog() if settings.access_log else None
@@ -138,6 +144,7 @@ class Proxy:
         """Take a new table for every request from now on; open connections are untouched, idle
         pooled connections to endpoints that are gone are closed."""
         self.table = table
+        self.route_cache = {}
         self.stats.table_swaps += 1
         live = {ep for vhosts in _all_backends(table) for ep in vhosts.endpoints}
         for endpoint in list(self.pools):
@@ -145,10 +152,24 @@ class Proxy:
                 for conn in self.pools.pop(endpoint):
                     conn.close()
 
+    def route(self, host: bytes, path: bytes) -> Route:
+        """The route for a raw Host header and path, from the cache when this table has seen them."""
+        key = (host, path)
+        route = self.route_cache.get(key)
+        if route is None:
+            route = self.table.route(host.decode("latin-1"), path.decode("latin-1"))
+            if len(host) + len(path) <= _ROUTE_CACHE_MAX_KEY:
+                if len(self.route_cache) >= _ROUTE_CACHE_SIZE:
+                    self.route_cache = {}
+                self.route_cache[key] = route
+        return route
+
     # -- endpoints and connections
     def pick_endpoint(self, backend: Backend, avoid: set[Endpoint]) -> Endpoint | None:
         endpoints = backend.endpoints
         n = len(endpoints)
+        if n == 1:   # the common case needs no round-robin bookkeeping
+            return None if endpoints[0] in avoid else endpoints[0]
         start = self.rr.get(backend.service, 0)
         self.rr[backend.service] = start + 1
         for i in range(n):
@@ -468,17 +489,16 @@ class ClientConnection(asyncio.Protocol):
             ex.path = url if q < 0 else url[:q]
         else:
             ex.path = self._absolute_form(ex, url)
-        host = ex.host.decode("latin-1")
-        table = self.proxy.table
-        if self.proxy.ssl_redirect_port and self.scheme == b"http" and table.certificates:
-            name = normalise_host(host)
-            if table.certificate_for(name) is not None:
-                return self.redirect(ex, name, self.proxy.ssl_redirect_port)
-        route = ex.route = table.route(host, ex.path.decode("latin-1"))
+        proxy = self.proxy
+        if proxy.ssl_redirect_port and self.scheme == b"http" and proxy.table.certificates:
+            name = normalise_host(ex.host.decode("latin-1"))
+            if proxy.table.certificate_for(name) is not None:
+                return self.redirect(ex, name, proxy.ssl_redirect_port)
+        route = ex.route = proxy.route(ex.host, ex.path)
         backend = route.backend
         if backend is None:
             return self.respond(ex, route.status, route.reason)
-        if not backend.usable:
+        if backend.problem or not backend.endpoints:
             return self.respond(ex, 503, backend.problem or "no ready endpoints")
         self.connect(ex)
 
@@ -912,7 +932,10 @@ class UpstreamConnection(asyncio.Protocol):
             self.has_server = True
             self.head_parts.append(b"%s: %s\r\n" % (name, value))
         elif lname == b"connection":
-            tokens = [t.strip() for t in value.lower().split(b",")]
+            value = value.lower()
+            if value == b"keep-alive":   # the usual one: nothing to do
+                return
+            tokens = [t.strip() for t in value.split(b",")]
             if b"close" in tokens:
                 self.reusable = False
             self.drop += [t + b":" for t in tokens if t not in _STANDARD_HOP]

@@ -26,6 +26,7 @@ class Worker:
         self.process: asyncio.subprocess.Process | None = None
         self.ready = False
         self.ever_ready = False
+        self.ready_watch: asyncio.Task | None = None   # held: the loop keeps only weak task references
 
     async def start(self) -> None:
         read_fd, write_fd = os.pipe()
@@ -34,7 +35,7 @@ class Worker:
         self.ready = False
         self.process = await asyncio.create_subprocess_exec(*argv, pass_fds=(write_fd,))
         os.close(write_fd)
-        asyncio.get_running_loop().create_task(self._watch_ready(read_fd))
+        self.ready_watch = asyncio.get_running_loop().create_task(self._watch_ready(read_fd))
         log_fields(log, logging.INFO, "worker started", worker=self.index, pid=self.process.pid)
 
     async def _watch_ready(self, read_fd: int) -> None:

@@ -441,6 +441,100 @@ def test_chunked_request_body_and_chunked_response_are_streamed(world):
     conn.close()
 
 
+GIB = 1 << 30
+_MIB_CHUNK = b"100000\r\n" + b"z" * (1 << 20) + b"\r\n"   # one 1 MiB chunk, framed
+_STALL = 0.3   # a consumer this slow at first: a proxy without back-pressure would buffer hundreds of MiB
+
+
+def send_chunked(sock: socket.socket, size: int) -> None:
+    """`size` bytes (a multiple of 1 MiB) as 1 MiB chunks, then the last chunk."""
+    for _ in range(size >> 20):
+        sock.sendall(_MIB_CHUNK)
+    sock.sendall(b"0\r\n\r\n")
+
+
+def read_head(f) -> bytes:
+    head = b""
+    while not head.endswith(b"\r\n\r\n"):
+        line = f.readline(65537)
+        if not line:
+            raise EOFError(f"connection closed in a head: {head!r}")
+        head += line
+    return head
+
+
+def read_chunked(f) -> tuple[int, int]:
+    """Read one chunked body from buffered reader `f` (any chunk sizes the proxy chose):
+    (bytes of data, how many of them were not b"z")."""
+    buf = memoryview(bytearray(1 << 20))
+    total = odd = 0
+    while True:
+        size = int(f.readline(100).split(b";")[0], 16)
+        if size == 0:
+            assert f.readline(100) == b"\r\n"   # no trailers
+            return total, odd
+        while size:
+            n = f.readinto(buf[:min(size, len(buf))])
+            if not n:
+                raise EOFError("connection closed in a chunk")
+            if total < (1 << 20):   # spot-check the content of the first MiB
+                odd += n - bytes(buf[:n]).count(b"z")
+            size -= n
+            total += n
+        assert f.read(2) == b"\r\n"
+
+
+class StreamingBackend(socketserver.BaseRequestHandler):
+    """Raw sockets, one request per connection. `POST /upload` (chunked): reads the body slowly at
+    first, answers its size. `GET /download`: answers 1 GiB chunked."""
+
+    def handle(self):
+        f = self.request.makefile("rb", buffering=1 << 16)
+        head = read_head(f)
+        if head.startswith(b"POST /upload"):
+            time.sleep(_STALL)
+            total, odd = read_chunked(f)
+            body = json.dumps({"received": total, "odd": odd}).encode()
+            self.request.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
+                                 % (len(body), body))
+        else:
+            self.request.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n")
+            send_chunked(self.request, GIB)
+
+
+def peak_rss_mib(pid: int) -> float:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(status.split("VmHWM:")[1].split()[0]) / 1024
+
+
+def test_1gib_chunked_bodies_both_ways_stream_in_bounded_memory(world):
+    """A 1 GiB chunked upload and a 1 GiB chunked download through a fresh proxy (its peak RSS is
+    about this test only), each with a consumer that stalls at first: the proxy must push back on the
+    producer instead of buffering, so its peak RSS stays far below the body size."""
+    port = world.backend("stream", StreamingBackend)
+    ports = world.ingress(svc_objects("stream", [port]) + [{
+        "apiVersion": "networking.k8s.io/v1", "kind": "Ingress", "metadata": {"name": "s", "namespace": "default"},
+        "spec": {"rules": [rule("stream.test", [("/", "Prefix", "stream")])]}}], "--no-access-log")
+    proxy_pid = world.procs[-1].pid
+    with socket.create_connection(("127.0.0.1", ports["http"]), timeout=30) as s:
+        s.sendall(b"POST /upload HTTP/1.1\r\nHost: stream.test\r\nTransfer-Encoding: chunked\r\n\r\n")
+        send_chunked(s, GIB)
+        f = s.makefile("rb")
+        head = read_head(f)
+        assert head.startswith(b"HTTP/1.1 200"), head
+        body = f.read(int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0]))
+        assert json.loads(body) == {"received": GIB, "odd": 0}
+    with socket.create_connection(("127.0.0.1", ports["http"]), timeout=30) as s:
+        s.sendall(b"GET /download HTTP/1.1\r\nHost: stream.test\r\n\r\n")
+        f = s.makefile("rb", buffering=1 << 16)
+        head = read_head(f)
+        assert head.startswith(b"HTTP/1.1 200") and b"transfer-encoding: chunked" in head.lower(), head
+        time.sleep(_STALL)
+        assert read_chunked(f) == (GIB, 0)
+    peak = peak_rss_mib(proxy_pid)
+    assert peak < 100, f"proxy peak RSS {peak:.1f} MiB"
+
+
 def test_close_delimited_upstream_body_is_rechunked_for_the_client(world):
     status, body, resp = get(world, "hdr.test", "/close-delimited")
     assert status == 200 and json.loads(body)["backend"] == "hdr"

@@ -336,3 +336,27 @@ def test_certificates_by_host_exact_then_wildcard():
                                       ("foo.com.", "foo.com"), ("", "")])
 def test_normalise_host(raw, host):
     assert normalise_host(raw) == host
+
+
+# ------------------------------------------------------------------------------ the proxy's route cache
+
+def test_proxy_route_cache_answers_like_the_table_and_follows_a_swap():
+    import asyncio
+
+    from netplane.ingress.proxy import Proxy, Settings
+
+    before = build_table(world([ingress("i", [("h", [path("/", "old")])])], ["old"]))
+    after = build_table(world([ingress("i", [("h", [path("/", "new"), path("/x", "x")])])], ["new", "x"]))
+
+    async def lookups():
+        proxy = Proxy(before, Settings(access_log=False))
+        first = [proxy.route(b"H:80", b"/x/1"), proxy.route(b"h", b"/x/1"), proxy.route(b"other", b"/")]
+        cached = proxy.route(b"h", b"/x/1")
+        proxy.swap_table(after)
+        return first, cached, [proxy.route(b"h", b"/x/1"), proxy.route(b"h", b"/y")]
+
+    first, cached, swapped = asyncio.run(lookups())
+    assert [r.backend.service if r.backend else r.status for r in first] == [
+        "default/old:80", "default/old:80", 404]
+    assert cached is first[1]
+    assert [r.backend.service for r in swapped] == ["default/x:80", "default/new:80"]
