@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from netplane import daemon, netns, podnet, runtime
+from netplane import daemon, netns, overlay, podnet, runtime
 from netplane.daemon import log_fields
 from netplane.podnet import PodRef
 
@@ -97,6 +97,7 @@ class AgentConfig:
     node_labels: dict = field(default_factory=dict)
     taints: tuple = ()
     health_listen: str | None = None
+    pod_network: str = "routes"  # routes (pod CIDRs via node addresses) | vxlan (netplane.overlay)
 
     @property
     def cni_config_path(self) -> str:
@@ -120,6 +121,8 @@ def parse_args(argv: list[str]) -> AgentConfig:
     parser.add_argument("--node-labels", default="", help="k=v,... added to the Node's labels")
     parser.add_argument("--register-with-taints", default="", help="key=value:NoSchedule,...")
     parser.add_argument("--health-listen", default=None, help="ADDR:PORT for /healthz and /metrics")
+    parser.add_argument("--pod-network", choices=("routes", "vxlan"), default="routes",
+                        help="routes: other nodes' pod CIDRs via their addresses; vxlan: an overlay")
     args = parser.parse_args(argv)
     try:
         ipaddress.ip_address(args.node_ip)
@@ -133,15 +136,19 @@ def parse_args(argv: list[str]) -> AgentConfig:
     return AgentConfig(server=args.server, node_name=args.node_name, node_ip=args.node_ip,
                        state_dir=os.path.abspath(args.state_dir), cni_bin_dir=args.cni_bin_dir,
                        cluster_dns=args.cluster_dns, cluster_domain=args.cluster_domain,
-                       node_labels=labels, taints=taints, health_listen=args.health_listen)
+                       node_labels=labels, taints=taints, health_listen=args.health_listen,
+                       pod_network=args.pod_network)
 
 
 # ================================================================ pure core: the Node
 
 def node_manifest(config: AgentConfig) -> dict:
     labels = {"kubernetes.io/hostname": config.node_name, "kubernetes.io/os": "linux", **config.node_labels}
+    metadata = {"name": config.node_name, "labels": labels}
+    if config.pod_network == "vxlan":  # other nodes find this node's VTEP here
+        metadata["annotations"] = overlay.node_annotations(config.node_ip)
     return {"apiVersion": "v1", "kind": "Node",
-            "metadata": {"name": config.node_name, "labels": labels},
+            "metadata": metadata,
             "spec": {"taints": list(config.taints)} if config.taints else {}}
 
 
@@ -689,8 +696,9 @@ class Agent:
         self.cni_config: dict | None = None
         self.workers: dict[str, PodWorker] = {}
         self.terminating: dict[str, asyncio.Task] = {}
-        self.applied_routes: dict[str, str] | None = None
+        self.applied_routes: dict[str, str] | overlay.OverlayState | None = None
         self.routes_verified = 0.0
+        self.vxlan_checked = ("", 0.0)
         self.known_uids: set[str] | None = None
 
     def healthy(self) -> tuple[bool, str]:
@@ -755,7 +763,8 @@ class Agent:
             if err.status != 409:
                 raise
             await self.client.patch("Node", self.config.node_name,
-                                    {"metadata": {"labels": manifest["metadata"]["labels"]},
+                                    {"metadata": {k: v for k, v in manifest["metadata"].items()
+                                                  if k in ("labels", "annotations")},
                                      "spec": {"taints": list(self.config.taints) or None}})
             log_fields(log, logging.INFO, "node updated", node=self.config.node_name)
         await self.heartbeat()
@@ -797,13 +806,35 @@ class Agent:
         except ValueError as err:
             log_fields(log, logging.ERROR, "bad podCIDR", error=str(err))
             return
+        if self.config.pod_network == "vxlan":
+            config = {**config, "mtu": overlay.MTU}  # room for the vxlan headers on the underlay
+            if not await self.ensure_vxlan_device(pod_cidr):
+                return
         if config != self.cni_config:
             await asyncio.to_thread(podnet.write_network_config, self.config.cni_config_path, config)
             self.cni_config = config
             log_fields(log, logging.INFO, "pod network ready", pod_cidr=pod_cidr, config=self.config.cni_config_path)
         self.network_ready.set()
 
+    async def ensure_vxlan_device(self, pod_cidr: str) -> bool:
+        """np-vxlan for our pod CIDR (checked when the CIDR changes and at each route verification)."""
+        cidr, checked = self.vxlan_checked
+        if cidr == pod_cidr and time.monotonic() - checked < ROUTE_VERIFY_SECONDS:
+            return True
+        try:
+            if await asyncio.to_thread(overlay.ensure_device, self.config.node_ip, pod_cidr):
+                log_fields(log, logging.INFO, "vxlan device ready", device=overlay.DEVICE,
+                           vtep=overlay.vtep_mac(self.config.node_ip))
+                self.applied_routes = None  # a new device has no entries yet
+        except netns.CommandError as err:
+            log_fields(log, logging.ERROR, "vxlan device failed", error=str(err))
+            return False
+        self.vxlan_checked = (pod_cidr, time.monotonic())
+        return True
+
     async def sync_routes(self, nodes: list[dict]) -> None:
+        if self.config.pod_network == "vxlan":
+            return await self.sync_overlay(nodes)
         desired = desired_routes(nodes, self.config.node_name)
         if desired == self.applied_routes and time.monotonic() - self.routes_verified < ROUTE_VERIFY_SECONDS:
             return
@@ -817,6 +848,25 @@ class Agent:
             except netns.CommandError as err:
                 failed = True  # e.g. the other node's address is not reachable yet: retry next sync
                 log_fields(log, logging.WARNING, "route change failed", error=str(err))
+        self.applied_routes = None if failed else desired
+        self.routes_verified = time.monotonic()
+
+    async def sync_overlay(self, nodes: list[dict]) -> None:
+        """vxlan: routes, neighbours and fdb entries for the other nodes (netplane.overlay)."""
+        if not self.network_ready.is_set():
+            return  # the device comes with our pod CIDR
+        desired = overlay.desired_state(nodes, self.config.node_name)
+        if desired == self.applied_routes and time.monotonic() - self.routes_verified < ROUTE_VERIFY_SECONDS:
+            return
+        actual = await asyncio.to_thread(overlay.read_actual)
+        failed = False
+        for argv in overlay.commands(desired, actual):
+            try:
+                await asyncio.to_thread(netns.run, argv)
+                log_fields(log, logging.INFO, "overlay changed", command=" ".join(argv))
+            except netns.CommandError as err:
+                failed = True
+                log_fields(log, logging.WARNING, "overlay change failed", error=str(err))
         self.applied_routes = None if failed else desired
         self.routes_verified = time.monotonic()
 
@@ -892,7 +942,14 @@ def main(argv: list[str] | None = None) -> int:
 
     log_fields(log, logging.INFO, "agent starting", node=config.node_name, node_ip=config.node_ip,
                server=config.server, state_dir=config.state_dir)
-    return daemon.run(run, component="agent", health_listen=config.health_listen, healthy=healthy)
+    # netplane-cni's resident helper (owned by cni/helper.py): this node's plugin execs forward ADD and
+    # DEL to it, so wiring a pod costs little more than the interpreter's start-up.
+    from netplane.cni import helper as cni_helper
+    cni_helper_process = cni_helper.start_or_none()
+    try:
+        return daemon.run(run, component="agent", health_listen=config.health_listen, healthy=healthy)
+    finally:
+        cni_helper.stop(cni_helper_process)
 
 
 if __name__ == "__main__":

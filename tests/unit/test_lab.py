@@ -35,6 +35,10 @@ def test_system_ready_needs_every_node_ready_and_system_pods_ready():
     pod = {"metadata": {"name": "dns", "namespace": "kube-system"},
            "status": {"conditions": [{"type": "Ready", "status": "True"}]}}
     unready = {"metadata": {"name": "ing", "namespace": "netplane-system"}, "status": {}}
-    assert lab.system_ready({"nodes": [node], "pods": [pod, {**pod, "metadata": {"name": "x", "namespace": "netplane-system"}}]}, 1)
-    assert not lab.system_ready({"nodes": [node], "pods": [pod, unready]}, 1)
-    assert not lab.system_ready({"nodes": [node], "pods": [pod, pod]}, 2)
+    ingress = {"metadata": {"name": "ingress", "namespace": "netplane-system"}, "spec": {"type": "LoadBalancer"},
+               "status": {"loadBalancer": {"ingress": [{"ip": "192.168.56.200"}]}}}
+    pods = [pod, {**pod, "metadata": {"name": "x", "namespace": "netplane-system"}}]
+    assert lab.system_ready({"nodes": [node], "pods": pods, "services": [ingress]}, 1)
+    assert not lab.system_ready({"nodes": [node], "pods": pods, "services": [{**ingress, "status": {}}]}, 1)
+    assert not lab.system_ready({"nodes": [node], "pods": [pod, unready], "services": [ingress]}, 1)
+    assert not lab.system_ready({"nodes": [node], "pods": [pod, pod], "services": [ingress]}, 2)
