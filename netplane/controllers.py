@@ -336,13 +336,19 @@ class Settings:
     node_cidr_mask: int = 24
 
 
-def desired_actions(objects: dict[str, list[dict]], settings: Settings, now: float) -> list[Action]:
-    """Every controller over the current objects."""
+def desired_actions(objects: dict[str, list[dict]], settings: Settings, now: float,
+                    unsettled: frozenset = frozenset()) -> list[Action]:
+    """Every controller over the current objects.
+
+    `unsettled`: uids of ReplicaSets whose earlier pod creations/deletions the watch has not shown
+    yet; only their own scaling waits. They stay in `objects`, so their pods are not orphans and
+    their Deployment still sees them."""
     actions: list[Action] = []
     for deploy in objects["Deployment"]:
         actions += reconcile_deployment(deploy, objects["ReplicaSet"])
     for rs in objects["ReplicaSet"]:
-        actions += reconcile_replicaset(rs, objects["Pod"])
+        if rs["metadata"].get("uid") not in unsettled:
+            actions += reconcile_replicaset(rs, objects["Pod"])
     actions += reconcile_endpoint_slices(objects["Service"], objects["Pod"], objects["EndpointSlice"])
     actions += allocate_pod_cidrs(objects["Node"], settings.cluster_cidr, settings.node_cidr_mask)
     actions += stale_nodes(objects["Node"], now)
@@ -387,23 +393,22 @@ class ControllerManager:
     def snapshot(self) -> dict[str, list[dict]]:
         return {kind: self.view.list(kind) for kind in KINDS}
 
-    def settled_replicasets(self, objects: dict[str, list[dict]], now: float) -> dict[str, list[dict]]:
-        """Leave out ReplicaSets whose earlier pod creations/deletions are not visible yet."""
+    def unsettled_replicasets(self, objects: dict[str, list[dict]], now: float) -> frozenset:
+        """Uids of ReplicaSets whose earlier pod creations/deletions are not visible yet."""
         pods_by_owner: dict[str, set] = {}
         for pod in objects["Pod"]:
             for ref in pod["metadata"].get("ownerReferences") or []:
                 pods_by_owner.setdefault(ref.get("uid"), set()).add(pod["metadata"]["name"])
-        settled = [rs for rs in objects["ReplicaSet"]
-                   if self.expectations.satisfied(rs["metadata"]["uid"],
-                                                  pods_by_owner.get(rs["metadata"]["uid"], set()), now)]
-        return {**objects, "ReplicaSet": settled}
+        return frozenset(rs["metadata"]["uid"] for rs in objects["ReplicaSet"]
+                         if not self.expectations.satisfied(rs["metadata"]["uid"],
+                                                            pods_by_owner.get(rs["metadata"]["uid"], set()), now))
 
     async def sync(self) -> None:
         if not self.view.is_synced():
             return
         now = time.time()
-        objects = self.settled_replicasets(self.snapshot(), now)
-        actions = desired_actions(objects, self.settings, now)
+        objects = self.snapshot()
+        actions = desired_actions(objects, self.settings, now, self.unsettled_replicasets(objects, now))
         self.record_expectations(actions, objects, now)
         for action in actions:
             await self.apply(action)

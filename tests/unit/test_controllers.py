@@ -177,3 +177,51 @@ def test_expectations_hold_a_replicaset_until_the_watch_shows_its_pods():
     assert exp.satisfied("rs", {"p1", "p2"}, now=1)
     exp.expect("rs", {"p3"}, set(), now=0)
     assert exp.satisfied("rs", set(), now=11)  # expired
+
+
+class FakeView:
+    """The watch cache as the controller manager reads it: a fixed snapshot until the test moves it."""
+
+    def __init__(self, objects):
+        self.objects = objects
+
+    def is_synced(self):
+        return True
+
+    def list(self, kind):
+        return list(self.objects.get(kind, []))
+
+
+class RecordingClient:
+    def __init__(self):
+        self.calls = []
+
+    async def create(self, body):
+        self.calls.append(("create", body["kind"], body["metadata"]["name"]))
+
+    async def patch(self, kind, name, body, namespace=None, subresource=None):
+        self.calls.append(("patch", kind, name))
+
+    async def delete(self, kind, name, namespace=None):
+        self.calls.append(("delete", kind, name))
+
+
+def test_a_second_pass_before_the_watch_catches_up_deletes_nothing_more():
+    """Scale 5 -> 2, then sync again while the watch still shows all five pods: the ReplicaSet waits
+    for its deletions to show, and its pods are still its own (not orphans to delete)."""
+    import asyncio
+    d = stored(deployment(replicas=2), "d-uid")
+    rs = stored(c.replicaset_for(d), "rs-uid")
+    rs["spec"]["replicas"] = 2
+    pods = [pod(f"echo-{i}", ip=f"10.244.1.{i}", owner=rs, created=f"2026-01-01T00:00:0{i}Z") for i in range(5)]
+    view = FakeView({"Deployment": [d], "ReplicaSet": [rs], "Pod": pods})
+    client = RecordingClient()
+    manager = c.ControllerManager(client, view, c.Settings())
+
+    asyncio.run(manager.sync())
+    first = {name for verb, kind, name in client.calls if verb == "delete" and kind == "Pod"}
+    assert first == {"echo-2", "echo-3", "echo-4"}  # the newest three
+    client.calls.clear()
+    asyncio.run(manager.sync())  # the same stale snapshot
+    assert [call for call in client.calls if call[1] == "Pod"] == []
+    assert ("create", "ReplicaSet", rs["metadata"]["name"]) not in client.calls
