@@ -21,10 +21,15 @@ def load_documents(text: str, source: str = "<input>") -> list[dict]:
     Raises ManifestError naming the source and document number when the YAML does not parse
     or a document is not a mapping with apiVersion and kind.
     """
+    docs: list = []
     try:
-        docs = list(yaml.safe_load_all(text))
+        for doc in yaml.safe_load_all(text):  # one at a time, so an error names its document
+            docs.append(doc)
     except yaml.YAMLError as err:
-        raise ManifestError(f"{source}: YAML does not parse: {err}") from None
+        mark = getattr(err, "problem_mark", None)
+        line = f", line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err)
+        raise ManifestError(f"{source}: document {len(docs) + 1}{line}: YAML does not parse: {problem}") from None
     objects: list[dict] = []
     for index, doc in enumerate(docs, start=1):
         if doc is None:
