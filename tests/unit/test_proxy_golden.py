@@ -39,8 +39,9 @@ def render(case: str, backend: str) -> str:
 def test_golden(case: str, backend: str, suffix: str) -> None:
     path = GOLDEN / f"{case}.{suffix}"
     text = render(case, backend)
-    if UPDATE or not path.exists():
+    if UPDATE:
         path.write_text(text)
+    assert path.exists(), f"{path.name} is missing (NETPLANE_UPDATE_GOLDEN=1 writes it; review it before committing)"
     assert text == path.read_text(), f"{path.name} differs (NETPLANE_UPDATE_GOLDEN=1 to regenerate)"
 
 
