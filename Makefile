@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 APT_PACKAGES := iproute2 nftables iptables conntrack curl dnsutils iputils-ping procps psmisc util-linux python3-venv \
 	openssl nginx-light wrk dnsperf dnsmasq-base containernetworking-plugins podman runc busybox-static \
-	etcd-server etcd-client vagrant
+	etcd-server etcd-client vagrant tcpdump
 PYTEST_ARGS ?=
 
 .PHONY: all deps apt venv demo test test-unit down clean
