@@ -173,7 +173,10 @@ def process_tree(pid: int) -> list[int]:
 
 
 def parse_ms(text: str) -> float:
-    value, unit = re.fullmatch(r"([\d.]+)(us|ms|s|m|h)", text).groups()   # wrk's units
+    match = re.fullmatch(r"([\d.]+)(us|ms|s|m|h)", text)   # wrk's units
+    if match is None:
+        raise ValueError(f"wrk printed a latency of {text!r}: did the proxy answer?")
+    value, unit = match.groups()
     return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0, "h": 3_600_000.0}[unit]
 
 

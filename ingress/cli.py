@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import json
 import logging
 import os
 import sys
@@ -211,14 +212,18 @@ async def serve_worker(args, stop: asyncio.Event, state: WorkerState) -> None:
         view.add_listener(runner.request)
         servers = await open_listeners(loop, proxy, args, certificates)
         proxy.start_sweeper()
-        register_metrics(proxy)
+        register_metrics(proxy.stats.snapshot)
         # The startup heap (modules, the first table) is never garbage; a full collection walking
         # it stalls every connection for ~10 ms (a p99 spike), so move it out of the collector's way.
         gc.collect()
         gc.freeze()
         state.ready = True
         announce_ready(args)
+        if args.ready_fd is not None:
+            reporter = asyncio.ensure_future(report_stats(args, proxy, stop))
         await runner.run(stop)
+        if args.ready_fd is not None:
+            await reporter  # one last report as the worker stops
     finally:
         for server in servers:
             server.close()
@@ -265,29 +270,47 @@ def announce_ready(args) -> None:
             pass
 
 
-def register_metrics(proxy: Proxy) -> None:
+COUNTER_HELP = {
+    "upstream_connects": "Upstream connections opened",
+    "upstream_connect_failures": "Upstream connects that failed",
+    "upstream_reused": "Requests sent on a pooled upstream connection",
+    "retries": "Requests retried on another connection or endpoint",
+    "table_swaps": "Route tables swapped in",
+}
+
+
+def register_metrics(snapshot) -> None:
+    """Export `snapshot()` (Stats.snapshot's shape: one process's, or the sum over the workers)."""
     from prometheus_client import REGISTRY
     from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
     class StatsCollector:
         def collect(self):
-            stats = proxy.stats
+            stats = snapshot()
             responses = CounterMetricFamily("netplane_ingress_responses", "Responses sent, by status code",
                                             labels=["code"])
-            for code, count in sorted(stats.responses.items()):
-                responses.add_metric([str(code)], count)
+            for code, count in sorted(stats["responses"].items()):
+                responses.add_metric([code], count)
             yield responses
-            for name, value, help_ in (
-                    ("upstream_connects", stats.upstream_connects, "Upstream connections opened"),
-                    ("upstream_connect_failures", stats.upstream_connect_failures, "Upstream connects that failed"),
-                    ("upstream_reused", stats.upstream_reused, "Requests sent on a pooled upstream connection"),
-                    ("retries", stats.retries, "Requests retried on another connection or endpoint"),
-                    ("table_swaps", stats.table_swaps, "Route tables swapped in")):
-                yield CounterMetricFamily(f"netplane_ingress_{name}", help_, value=value)
+            for name, help_ in COUNTER_HELP.items():
+                yield CounterMetricFamily(f"netplane_ingress_{name}", help_, value=stats[name])
             yield GaugeMetricFamily("netplane_ingress_open_connections", "Client connections open",
-                                    value=stats.open_connections)
+                                    value=stats["open_connections"])
 
     REGISTRY.register(StatsCollector())
+
+
+async def report_stats(args, proxy: Proxy, stop: asyncio.Event, interval: float = 1.0) -> None:
+    """A pool worker: send the supervisor our counters every `interval`, on the ready pipe."""
+    while not stop.is_set():
+        try:
+            await asyncio.wait_for(stop.wait(), interval)
+        except asyncio.TimeoutError:
+            pass
+        try:
+            os.write(args.ready_fd, b"stats " + json.dumps(proxy.stats.snapshot()).encode() + b"\n")
+        except OSError:
+            return  # the supervisor is gone
 
 
 # ------------------------------------------------------------------------------------ routes

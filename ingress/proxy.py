@@ -103,6 +103,15 @@ class Stats:
         self.open_connections = 0
         self.table_swaps = 0
 
+    COUNTERS = ("upstream_connects", "upstream_connect_failures", "upstream_reused", "retries", "table_swaps")
+
+    def snapshot(self) -> dict:
+        """Plain data: what a worker reports to its supervisor (workers.py)."""
+        out = {name: getattr(self, name) for name in self.COUNTERS}
+        out["responses"] = {str(code): n for code, n in self.responses.items()}
+        out["open_connections"] = self.open_connections
+        return out
+
 
 class AccessLog:
     """JSON lines to stderr, buffered and flushed by the sweeper (no syscall per request)."""

@@ -3,11 +3,13 @@
 Each worker is `netplane ingress serve` itself with a hidden `--ready-fd`: it binds the listen ports with
 SO_REUSEPORT (the kernel spreads new connections across them), keeps its own watch and route table,
 and writes `ready` on the fd once its first table is built. The supervisor serves /healthz (200 when
-every worker is ready) and restarts a worker that dies; SIGTERM is passed on to all of them.
+every worker is ready) and /metrics (the sum of the counters each worker sends every second on the
+same pipe), and restarts a worker that dies; SIGTERM is passed on to all of them.
 """
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import signal
@@ -15,6 +17,7 @@ import sys
 
 from netplane import daemon
 from netplane.daemon import log_fields
+from netplane.ingress.cli import COUNTER_HELP, register_metrics
 
 log = logging.getLogger("ingress")
 
@@ -27,6 +30,7 @@ class Worker:
         self.ready = False
         self.ever_ready = False
         self.ready_watch: asyncio.Task | None = None   # held: the loop keeps only weak task references
+        self.stats: dict = {}   # its last report (Stats.snapshot)
 
     async def start(self) -> None:
         read_fd, write_fd = os.pipe()
@@ -46,8 +50,24 @@ class Worker:
         try:
             if (await reader.readline()).strip() == b"ready":
                 self.ready = self.ever_ready = True
+            while line := await reader.readline():  # then its counters, every second
+                if line.startswith(b"stats "):
+                    self.stats = json.loads(line[6:])
+        except (ValueError, asyncio.LimitOverrunError) as err:
+            log_fields(log, logging.WARNING, "bad stats line from worker", worker=self.index, error=str(err))
         finally:
             transport.close()
+
+
+def add_stats(total: dict, stats: dict, gauges: bool = True) -> None:
+    """Add one worker's Stats.snapshot() into `total` (counters; the open-connections gauge too)."""
+    for name in COUNTER_HELP:
+        total[name] = total.get(name, 0) + stats.get(name, 0)
+    responses = total.setdefault("responses", {})
+    for code, count in stats.get("responses", {}).items():
+        responses[code] = responses.get(code, 0) + count
+    if gauges:
+        total["open_connections"] = total.get("open_connections", 0) + stats.get("open_connections", 0)
 
 
 def worker_argv(argv: list[str]) -> list[str]:
@@ -70,14 +90,25 @@ def worker_argv(argv: list[str]) -> list[str]:
 def supervise(args, argv: list[str]) -> int:
     workers = [Worker(i, worker_argv(argv)) for i in range(args.workers)]
 
+    retired: dict = {}   # counters of worker processes that exited, so the sums never go down
+
     def healthy() -> tuple[bool, str]:
         ready = sum(w.ready for w in workers)
         return ready == len(workers), f"{ready}/{len(workers)} workers ready"
 
+    def snapshot() -> dict:
+        total = {"open_connections": 0}
+        add_stats(total, retired, gauges=False)
+        for worker in workers:
+            add_stats(total, worker.stats)
+        return total
+
+    register_metrics(snapshot)
+
     async def main(stop: asyncio.Event) -> None:
         for worker in workers:
             await worker.start()
-        failed = await _supervise(workers, stop)
+        failed = await _supervise(workers, stop, retired)
         for worker in workers:
             if worker.process and worker.process.returncode is None:
                 worker.process.send_signal(signal.SIGTERM)
@@ -94,7 +125,7 @@ def supervise(args, argv: list[str]) -> int:
     return daemon.run(main, "ingress", args.health_listen, healthy)
 
 
-async def _supervise(workers: list[Worker], stop: asyncio.Event) -> bool:
+async def _supervise(workers: list[Worker], stop: asyncio.Event, retired: dict) -> bool:
     """Restart workers that die; True when one dies before it was ever ready (bad config/port)."""
     while not stop.is_set():
         waits = {asyncio.ensure_future(w.process.wait()): w for w in workers}
@@ -115,6 +146,9 @@ async def _supervise(workers: list[Worker], stop: asyncio.Event) -> bool:
                 log.error("worker %d failed before it was ready; stopping", worker.index)
                 stop.set()
                 return True
+            await worker.ready_watch  # its last report, then it counts as retired
+            add_stats(retired, worker.stats, gauges=False)
+            worker.stats = {}
             await asyncio.sleep(0.5)
             await worker.start()
     return False

@@ -12,6 +12,7 @@ import base64
 import http.client
 import json
 import os
+import re
 import socket
 import socketserver
 import ssl
@@ -700,3 +701,12 @@ def test_workers_share_the_port_with_so_reuseport(world):
         assert status == 200
     out = subprocess.run(["ss", "-ltnpH", f"sport = :{ports['http']}"], capture_output=True, text=True).stdout
     assert len(out.strip().splitlines()) == 2, out   # two listening sockets on one port
+    # /metrics on the supervisor sums what the workers report (every second)
+    deadline = time.monotonic() + 5
+    while True:
+        _, metrics, _ = get(world, "x", "/metrics", port=ports["health"])
+        served = re.search(r'^netplane_ingress_responses_total\{code="200"\} (\S+)$', metrics, re.M)
+        if (served and float(served.group(1)) >= 20) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert served and float(served.group(1)) == 20, metrics
