@@ -189,8 +189,9 @@ def run_wrk(port: int, host: str, path: str, duration: int, connections: int, cp
     used = cpu_seconds(pids) - before
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     total = int(re.search(r"(\d+) requests in", out).group(1))
-    p50 = parse_ms(re.search(r"50%\s+(\S+)", out).group(1))
-    p99 = parse_ms(re.search(r"99%\s+(\S+)", out).group(1))
+    # the Latency Distribution lines, not a "+/- Stdev" column that happens to end in 50.00%
+    p50 = parse_ms(re.search(r"^\s+50%\s+(\S+)$", out, re.M).group(1))
+    p99 = parse_ms(re.search(r"^\s+99%\s+(\S+)$", out, re.M).group(1))
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     socket_errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
     n_errors = int(errors.group(1)) if errors else 0

@@ -113,6 +113,31 @@ def ensure_probe_pod(server: str) -> None:
     wait_pod(server, PROBE_POD["metadata"]["name"])
 
 
+async def _load_balancer_ip(server: str, name: str, namespace: str) -> str | None:
+    async with Client(server) as client:
+        service = await client.get("Service", name, namespace)
+    ingress = (service.get("status", {}).get("loadBalancer", {}).get("ingress") or [{}])[0]
+    return ingress.get("ip")
+
+
+def wait_load_balancer_ip(server: str, name: str, namespace: str, timeout: float = 20) -> str:
+    """The Service's LoadBalancer address, once allocated and answering HTTP from the host."""
+    found: list[str] = []
+
+    def answering():
+        address = asyncio.run(_load_balancer_ip(server, name, namespace))
+        if address is None:
+            return False
+        found[:] = [address]
+        try:
+            return http_get(f"http://{address}/", timeout=1)[0] == 200
+        except OSError:
+            return False
+    lab.wait_until(answering, timeout, f"service {namespace}/{name} to answer on its LoadBalancer address",
+                   interval=0.3)
+    return found[0]
+
+
 def hop(title: str) -> None:
     print(f"\n== {title}", flush=True)
 
@@ -153,6 +178,12 @@ def main() -> int:
         status, body = http_get(f"http://{nodes[1].address}:30080{path}", host=host)
         what = f"{parse_echo(body)['pod']} ({parse_echo(body)['image']})" if status == 200 else body.strip()[:60]
         print(f"  Host: {host:<12} {path:<10} -> {status} {what}")
+
+    hop("LoadBalancer: echo-lb's address from the pool, answered (ARP) by one node, reached from the host")
+    address = wait_load_balancer_ip(server, "echo-lb", "default")
+    status, body = http_get(f"http://{address}/")
+    reply = parse_echo(body)
+    print(f"  http://{address}/ -> {status} from {reply['pod']} on {reply['node']}")
 
     hop("the lab stays up for exploring")
     print("  netplane get pods -o wide            netplane get svc,endpointslices")

@@ -8,8 +8,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import os
+import re
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -182,6 +184,24 @@ def test_bad_manifest_is_refused_and_nothing_stored(running_lab, tmp_path):
     assert out.returncode != 0
     assert "document 2" in out.stderr and "spec.ports" in out.stderr
     assert netplane("get", "service", "no-ports", check=False).returncode != 0
+    fine = netplane("get", "configmap", "fine-cm", check=False)  # the good document was not applied either
+    assert fine.returncode != 0 and "not found" in fine.stderr, fine.stdout + fine.stderr
+
+
+def test_demo_shows_every_hop_working(running_lab):
+    """`make demo`'s second half, against this lab: every hop prints what came back."""
+    demo = subprocess.run([sys.executable, "-m", "netplane.demo"], capture_output=True, text=True, timeout=180)
+    assert demo.returncode == 0, demo.stdout + demo.stderr
+    out = demo.stdout
+    dns_answer = re.search(r"dig \+short echo.default.svc.cluster.local\s+->\s+(\S+)", out)
+    assert dns_answer and dns_answer.group(1).startswith("10.96."), out
+    answers = re.findall(r"^\s+(\d+) answers from (\S+) on (\S+)$", out, re.M)
+    assert sum(int(n) for n, _, _ in answers) == 30 and len({node for _, _, node in answers}) == 2, out
+    for node in lab.lab_nodes(3):
+        assert re.search(rf"http://{re.escape(node.address)}:30007/ -> 200 from echo-", out), out
+    assert re.search(r"Host: echo.lab\s+/\s+-> 200 echo-", out), out
+    assert re.search(r"Host: nope.lab\s+/\s+-> 404", out), out
+    assert re.search(r"http://192\.168\.56\.2\d\d/ -> 200 from echo-", out), out
 
 
 def test_lab_down_leaves_nothing(running_lab, tmp_path_factory):
@@ -192,3 +212,4 @@ def test_lab_down_leaves_nothing(running_lab, tmp_path_factory):
     out = netplane("lab", "down", check=False)
     assert out.returncode == 0, out.stderr
     assert leftovers(pids) == []
+
