@@ -210,11 +210,7 @@ def _skeleton(node: NodeFacts, fam: Family) -> Block:
     node_ips = node.ips_of(fam.number)
     block = Block("skeleton")
     pick_key = f"{x} daddr . meta l4proto . th dport . numgen random mod 65536"
-    # The value's typeof only gives its types (address . inet_service), for TCP, UDP and SCTP alike.
-    # `tcp dport` rather than `th dport`: nft 1.0.6 cannot add a rule using a map whose value was
-    # declared `... . th dport` in an earlier transaction ("conflicting protocols specified: ip vs.
-    # th"), and new pick chains are added by partial syncs.
-    pick_value = f"{x} daddr . tcp dport"
+    pick_value = f"{x} daddr . th dport"
     block.sets = {
         "cluster-ips": f'{{ type {addr} ; comment "Active ClusterIPs" ; }}',
         "firewall-ips": f"{{ type {addr} . inet_proto . inet_service : verdict ; "
@@ -629,17 +625,23 @@ def delta_transaction(old: Table, new: Table) -> str | None:
             sets_after.update(after.sets)
     if any(name in sets_before and sets_before[name] != spec for name, spec in sets_after.items()):
         return None  # nft cannot change a set's properties (an affinity timeout): recreate
+    if any(name not in old_shared for name in shared_refs):
+        # A new endpoint count needs a new pick chain, whose rules use the endpoint maps. nft
+        # 1.0.6 cannot add a rule using a map declared with `typeof ... : ip daddr . th dport`
+        # in an earlier transaction ("conflicting protocols specified: ip vs. th"), so the
+        # table is recreated, maps and pick chains together. Rare at scale: the common counts
+        # already have their chain. (Declaring the value `... . tcp dport` avoids the error but
+        # makes nft add `meta l4proto tcp` to every rule using the map: UDP Services stop working.)
+        return None
     new._element_refs, new._shared_refs = element_refs, shared_refs
-    shared_added = {n: pick_chain_rules(n, new.family) for n in sorted(shared_refs) if n not in old_shared}
     return _delta_lines(table_prefix(new), old_elements, element_refs, values_before,
-                        values_after, old_shared, shared_refs, shared_added, chains_before,
-                        chains_after, sets_before, sets_after)
+                        values_after, old_shared, shared_refs, chains_before, chains_after,
+                        sets_before, sets_after)
 
 
 def _delta_lines(prefix, old_elements, new_elements, values_before, values_after, old_shared,
-                 new_shared, shared_added, chains_before, chains_after, sets_before, sets_after) -> str:
+                 new_shared, chains_before, chains_after, sets_before, sets_after) -> str:
     lines = [_set_line(prefix, n, spec) for n, spec in sets_after.items() if n not in sets_before]
-    lines += _chain_lines(prefix, shared_added)  # a new endpoint count's picker, before its users
     shared_removed = [n for n in old_shared if n not in new_shared]
     added = [n for n in chains_after if n not in chains_before]
     rewritten = [n for n in chains_after if n in chains_before and chains_before[n] != chains_after[n]]

@@ -132,15 +132,11 @@ def test_nft_delta_touches_only_the_changed_service():
     assert nft.delta_transaction(after[0], after[0]) == ""
 
 
-def test_nft_delta_with_a_new_endpoint_count_adds_its_picker_and_drops_the_unused_one():
+def test_nft_delta_with_a_new_endpoint_count_recreates_the_table():
+    # nft 1.0.6 cannot add a rule using the typeof endpoint maps outside their own transaction
     before = tables([service()], [endpoint_slice(endpoints=[ep("10.244.1.1")])])
     after = tables([service()], [endpoint_slice(endpoints=[ep("10.244.1.1"), ep("10.244.1.2")])])
-    lines = nft.delta_transaction(before[0], after[0]).splitlines()
-    assert "add chain ip netplane pick-endpoint-2" in lines
-    assert ("add rule ip netplane pick-endpoint-2 dnat ip to ip daddr . meta l4proto . th dport"
-            " . numgen random mod 2 map @service-endpoints") in lines
-    assert "add element ip netplane service-endpoints { 10.96.0.50 . tcp . 80 . 1 : 10.244.1.2 . 8080 }" in lines
-    assert lines.index("add chain ip netplane pick-endpoint-2") < lines.index("delete chain ip netplane pick-endpoint-1")
+    assert nft.delta_transaction(before[0], after[0]) is None
 
 
 def test_nft_delta_keeps_elements_shared_with_unchanged_services():
