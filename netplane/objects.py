@@ -30,6 +30,12 @@ def load_documents(text: str, source: str = "<input>") -> list[dict]:
         line = f", line {mark.line + 1}" if mark is not None else ""
         problem = getattr(err, "problem", None) or str(err)
         raise ManifestError(f"{source}: document {len(docs) + 1}{line}: YAML does not parse: {problem}") from None
+    return objects_of(docs, source)
+
+
+def objects_of(docs: list, source: str) -> list[dict]:
+    """Parsed YAML documents -> objects, `List` kinds flattened; ManifestError naming the document
+    that is not a mapping with apiVersion and kind."""
     objects: list[dict] = []
     for index, doc in enumerate(docs, start=1):
         if doc is None:
@@ -37,7 +43,7 @@ def load_documents(text: str, source: str = "<input>") -> list[dict]:
         where = f"{source}: document {index}"
         if not isinstance(doc, dict):
             raise ManifestError(f"{where}: expected a mapping with apiVersion and kind, got {type(doc).__name__}")
-        if doc.get("kind", "").endswith("List") and isinstance(doc.get("items"), list):
+        if str(doc.get("kind", "")).endswith("List") and isinstance(doc.get("items"), list):
             objects.extend(doc["items"])
             continue
         for field in ("apiVersion", "kind"):

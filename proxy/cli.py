@@ -145,26 +145,7 @@ def load_objects(path: str) -> list[dict]:
     finally:
         if collecting:
             gc.enable()
-    return _objects_of(docs, path)
-
-
-def _objects_of(docs: list, source: str) -> list[dict]:
-    found: list[dict] = []
-    for index, doc in enumerate(docs, start=1):
-        if doc is None:
-            continue
-        where = f"{source}: document {index}"
-        if not isinstance(doc, dict):
-            raise objects.ManifestError(f"{where}: expected a mapping with apiVersion and kind, "
-                                        f"got {type(doc).__name__}")
-        if str(doc.get("kind", "")).endswith("List") and isinstance(doc.get("items"), list):
-            found.extend(doc["items"])
-            continue
-        for name in ("apiVersion", "kind"):
-            if not isinstance(doc.get(name), str) or not doc.get(name):
-                raise objects.ManifestError(f"{where}: missing field {name!r}")
-        found.append(doc)
-    return found
+    return objects.objects_of(docs, path)
 
 
 def model_from_file(path: str, node: NodeFacts) -> Model:
