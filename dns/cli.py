@@ -87,6 +87,10 @@ def check_args(args) -> str | None:
         return f"--workers {args.workers}: must be between 1 and 64"
     if not 0 <= args.ttl <= 3600:
         return f"--ttl {args.ttl}: must be between 0 and 3600"
+    if args.cache_size < 0:
+        return f"--cache-size {args.cache_size}: must be 0 (no cache) or more"
+    if not args.forward_timeout > 0:
+        return f"--forward-timeout {args.forward_timeout}: must be more than 0 seconds"
     for flag, value in (("--listen", args.listen), ("--health-listen", args.health_listen)):
         if value:
             try:

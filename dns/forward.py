@@ -234,11 +234,19 @@ class Forwarder:
             upstream.fails = 0
             result = self._result(reply)
             if result.ttl > 0 and not result.truncated:
-                if len(self.cache) >= self.cache_size:
-                    self.cache.pop(next(iter(self.cache)))
-                self.cache[(encode_name(qname), qtype)] = (qname, result)
+                self._store(qname, qtype, result)
             return result
         return None
+
+    def _store(self, qname: str, qtype: int, result: Result) -> None:
+        """Cache `result`, evicting the oldest entries to stay within cache_size (0: no cache)."""
+        if self.cache_size <= 0:
+            return
+        key = (encode_name(qname), qtype)
+        self.cache.pop(key, None)  # a TCP and a UDP exchange for one name may both land here
+        while len(self.cache) >= self.cache_size:
+            self.cache.pop(next(iter(self.cache)))
+        self.cache[key] = (qname, result)
 
     def _result(self, reply: DNSRecord) -> Result:
         answer = list(reply.rr)
