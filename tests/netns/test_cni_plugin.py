@@ -166,15 +166,96 @@ def test_add_check_del_del(node, make_netns, family):
     assert node.cni("DEL", conf, "c1", netns_path="") == (0, None)
 
 
+DNS = {"nameservers": ["10.96.0.10"], "domain": "cluster.local",
+       "search": ["default.svc.cluster.local", "svc.cluster.local"], "options": ["ndots:5"]}
+
+
+@pytest.mark.parametrize("version", ["0.4.0", "1.0.0", "1.1.0"])
+def test_add_check_del_in_each_cni_version(node, make_netns, version):
+    """The result is in the shape of the requested version (0.4.0: ips[].version; 1.1.0: interfaces[].mtu),
+    carries each family's gateway and the config's dns, and CHECK and DEL take it back as prevResult."""
+    pod = make_netns("cp")
+    conf = node.conf([V4, V6], cniVersion=version, dns=DNS)
+    result = node.add(conf, "c1", pod)
+    assert result["cniVersion"] == version
+    want_ips = [{"address": "10.244.1.2/24", "gateway": "10.244.1.1", "interface": 2},
+                {"address": "fd00:10:244:1::2/64", "gateway": "fd00:10:244:1::1", "interface": 2}]
+    if version == "0.4.0":
+        want_ips = [{"version": v, **ip} for v, ip in zip("46", want_ips)]
+    assert result["ips"] == want_ips
+    assert result["dns"] == DNS
+    host = plugin.host_veth_name("c1", "eth0")
+    mtu = {"mtu": 1500} if version == "1.1.0" else {}
+    assert [{k: v for k, v in i.items() if k != "mac"} for i in result["interfaces"]] == [
+        {"name": "cni0"}, {"name": host, **mtu}, {"name": "eth0", **mtu, "sandbox": f"/run/netns/{pod}"}]
+    assert ping(pod, "10.244.1.1") and ping(pod, "fd00:10:244:1::1")
+
+    assert node.cni("CHECK", with_prev(conf, result), "c1", pod) == (0, None)
+    assert node.cni("DEL", with_prev(conf, result), "c1", pod) == (0, None)
+    assert links(pod) == ["lo"] and links(node.name) == ["cni0", "lo"] and node.allocations() == []
+    rc, reply = node.cni("CHECK", with_prev(conf, result), "c1", pod)
+    assert (rc, reply["cniVersion"]) == (1, version) and "eth0 is missing" in reply["msg"]
+    assert node.cni("DEL", with_prev(conf, result), "c1", pod) == (0, None)
+
+
+def link_details(ns: str, dev: str) -> dict:
+    return json.loads(ip_out(ns, "ip", "-j", "-d", "link", "show", "dev", dev))[0]
+
+
+def test_mtu_and_promisc_mode(node, make_netns):
+    pod = make_netns("cp")
+    conf = node.conf(mtu=1400, promiscMode=True, hairpinMode=False)
+    result = node.add(conf, "c1", pod)
+    host = plugin.host_veth_name("c1", "eth0")
+    assert link_details(pod, "eth0")["mtu"] == 1400
+    assert link_details(node.name, host)["mtu"] == 1400
+    bridge = link_details(node.name, "cni0")
+    assert "PROMISC" in bridge["flags"] and bridge["promiscuity"] >= 1 and bridge["mtu"] == 1400
+    # A packet as large as the MTU allows gets through, unfragmented (1372 + 28 bytes of headers).
+    assert netns.run(["ping", "-c", "1", "-W", "2", "-M", "do", "-s", "1372", "10.244.1.1"], netns=pod,
+                     check=False).returncode == 0
+    assert netns.run(["ping", "-c", "1", "-W", "2", "-M", "do", "-s", "1373", "10.244.1.1"], netns=pod,
+                     check=False).returncode != 0
+    assert node.cni("CHECK", with_prev(conf, result), "c1", pod) == (0, None)
+    assert node.cni("DEL", with_prev(conf, result), "c1", pod) == (0, None)
+    assert links(pod) == ["lo"] and links(node.name) == ["cni0", "lo"]
+
+
+def test_default_mtu_and_no_promisc_mode(node, make_netns):
+    """The other side of test_mtu_and_promisc_mode: without them, the bridge is not promiscuous and the
+    links keep the kernel's default MTU."""
+    pod = make_netns("cp")
+    conf = node.conf(promiscMode=False)
+    del conf["mtu"]
+    node.add(conf, "c1", pod)
+    assert link_details(pod, "eth0")["mtu"] == 1500
+    assert link_details(node.name, plugin.host_veth_name("c1", "eth0"))["mtu"] == 1500
+    assert "PROMISC" not in link_details(node.name, "cni0")["flags"]
+
+
+def test_promisc_mode_is_set_on_an_existing_bridge(node, make_netns):
+    pod1, pod2 = make_netns("cp"), make_netns("cp")
+    node.add(node.conf(hairpinMode=False), "c1", pod1)
+    assert "PROMISC" not in link_details(node.name, "cni0")["flags"]
+    node.add(node.conf(hairpinMode=False, promiscMode=True), "c2", pod2)
+    assert "PROMISC" in link_details(node.name, "cni0")["flags"]
+
+
 def test_check_reports_what_differs(node, make_netns):
     pod = make_netns("cp")
     conf = node.conf()
     result = node.add(conf, "c1", pod)
     netns.run(["ip", "route", "del", "10.96.0.0/12"], netns=pod)
+    rc, reply = node.cni("CHECK", with_prev(conf, result), "c1", pod)
+    assert (rc, reply["msg"]) == (1, "CHECK of c1/eth0 failed: route 10.96.0.0/12 via 10.244.1.1 is missing")
     netns.run(["ip", "addr", "del", "10.244.1.2/24", "dev", "eth0"], netns=pod)
     rc, reply = node.cni("CHECK", with_prev(conf, result), "c1", pod)
     assert rc == 1
     assert "eth0 lacks address 10.244.1.2/24" in reply["msg"]
+    assert "route 10.96.0.0/12 via 10.244.1.1 is missing" in reply["msg"]
+    netns.run(["ip", "link", "set", "eth0", "down"], netns=pod)
+    rc, reply = node.cni("CHECK", with_prev(conf, result), "c1", pod)
+    assert rc == 1 and "eth0 is down" in reply["msg"]
     rc, reply = node.cni("CHECK", conf, "c1", pod)
     assert (rc, reply["code"]) == (1, 7) and "prevResult" in reply["msg"]
 
@@ -211,6 +292,29 @@ def test_del_when_the_namespace_is_gone_releases_the_address(node, make_netns):
     assert node.cni("DEL", conf, "c1", pod) == (0, None)
     assert node.cni("DEL", conf, "c1", pod) == (0, None)
     assert node.allocations() == [] and plugin.host_veth_name("c1", "eth0") not in links(node.name)
+
+
+@pytest.mark.parametrize("with_prev_result", [False, True])
+def test_del_with_empty_netns_while_attached_releases_and_removes_the_veth(node, make_netns, with_prev_result):
+    """A runtime that lost the namespace path (CNI_NETNS="") still DELs a live attachment: the address
+    is released and the host veth removed (its peer, the pod's eth0, goes with it)."""
+    pod, other = make_netns("cp"), make_netns("cp")
+    conf = node.conf([V4, V6], ipMasq=True)
+    result = node.add(conf, "c1", pod)
+    node.add(conf, "c2", other)
+    host = plugin.host_veth_name("c1", "eth0")
+    assert host in links(node.name) and links(pod) == ["eth0", "lo"]
+    assert node.allocations() == ["10.244.1.2", "10.244.1.3", "fd00:10:244:1::2", "fd00:10:244:1::3"]
+    del_conf = with_prev(conf, result) if with_prev_result else conf
+    assert node.cni("DEL", del_conf, "c1", netns_path="") == (0, None)
+    assert host not in links(node.name) and links(pod) == ["lo"]
+    assert node.allocations() == ["10.244.1.3", "fd00:10:244:1::3"]
+    # The other pod is untouched, and so is the masquerade table it still needs.
+    assert ping(other, "10.244.1.1") and "netplane-cni-" + NETWORK in node.nft_tables()
+    assert node.cni("DEL", del_conf, "c1", netns_path="") == (0, None)
+    assert node.cni("DEL", conf, "c2", netns_path="") == (0, None)
+    assert (links(node.name), links(other), node.allocations()) == (["cni0", "lo"], ["lo"], [])
+    assert "netplane-cni" not in node.nft_tables()
 
 
 def test_launcher_forwards_to_the_helper(node, make_netns, tmp_path):
