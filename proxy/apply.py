@@ -7,12 +7,14 @@ atomic) and makes the next sync a full one.
 """
 from __future__ import annotations
 
+import subprocess
 from dataclasses import dataclass
 
 from netplane import netns
 from netplane.proxy import iptables, nft
 from netplane.proxy.model import Model
 
+APPLY_TIMEOUT = 300  # seconds
 ERROR_CHARS = 2000  # a failed 10,000-Service transaction can print megabytes; keep the start
 
 
@@ -31,7 +33,10 @@ class SyncResult:
 
 def run_with_input(argv: list[str], text: str, namespace: str | None = None) -> None:
     try:
-        netns.run(argv, netns=namespace, input=text, timeout=300)
+        netns.run(argv, netns=namespace, input=text, timeout=APPLY_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        # killed mid-way: whether its transaction committed is unknown (the caller resyncs fully)
+        raise ApplyError(f"{' '.join(argv)} timed out after {APPLY_TIMEOUT}s") from None
     except netns.CommandError as err:
         output = (err.stderr or err.stdout).strip()
         if len(output) > ERROR_CHARS:
@@ -62,7 +67,7 @@ class NftBackend:
         if text.strip():
             try:
                 run_with_input(["nft", "-f", "-"], text, self.namespace)
-            except ApplyError:
+            except BaseException:  # ApplyError, or anything else mid-way (nft missing, interrupted)
                 self.applied = None  # we no longer know exactly what is in the kernel
                 raise
         self.applied = tables
@@ -105,18 +110,20 @@ class IptablesBackend:
         return netns.run([self._save(family)], netns=self.namespace, check=False).stdout
 
     def sync(self, model: Model, force_full: bool = False) -> SyncResult:
-        full = force_full or self.applied is None
-        saved = {}
-        if full:
-            saved = {f: self._saved(f) for f in model.node.families}
-            self._ensure_jumps(saved)
-            saved = {f: self._saved(f) for f in model.node.families}
-        texts, rulesets, full = self.plan(model, force_full=full, saved=saved)
         try:
+            full = force_full or self.applied is None
+            saved = {}
+            if full:
+                saved = {f: self._saved(f) for f in model.node.families}
+                self._ensure_jumps(saved)
+                saved = {f: self._saved(f) for f in model.node.families}
+            texts, rulesets, full = self.plan(model, force_full=full, saved=saved)
+            # One restore per family, each atomic: when the second fails the first has been
+            # applied, so after any failure nothing is assumed and the next sync is a full one.
             for family, text in texts.items():
                 run_with_input([self._restore(family), "-w", "5", "--noflush", "--counters"],
                                text, self.namespace)
-        except ApplyError:
+        except BaseException:
             self.applied = None
             raise
         self.applied = rulesets

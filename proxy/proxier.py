@@ -4,7 +4,7 @@ Level-triggered and coalesced: a watch event only marks the state dirty; the run
 whole model from the watch cache at most every min-sync-interval and applies it (a full table
 on the first sync and after any failure, only what changed otherwise). Nothing is programmed
 until both kinds have synced (never from partial state). A failed apply leaves the old rules in
-the kernel and is retried. Bad objects are reported once each, never crash the daemon.
+the kernel and is retried, as a full sync. Bad objects are reported once each, never crash the daemon.
 """
 from __future__ import annotations
 
@@ -48,6 +48,7 @@ class Proxier:
         self.clock = clock
         self.pending_since: float | None = None  # oldest change not yet programmed
         self.synced_once = False
+        self.force_full = False  # the last apply failed: the next one replaces the whole table
         self.reported_errors: set[str] = set()
 
     def on_change(self) -> None:
@@ -64,20 +65,33 @@ class Proxier:
         self.reported_errors = errors
         BAD_OBJECTS.set(len(errors))
 
+    def _view_synced(self) -> bool:
+        is_synced = getattr(self.view, "is_synced", None)
+        return is_synced() if is_synced is not None else True
+
     async def sync(self) -> None:
+        if not self._view_synced():
+            # Never program from partial state: a Service listed before its EndpointSlices
+            # would be rendered as having no endpoints (REJECT). The change stays pending.
+            if self.pending_since is None:
+                self.pending_since = self.clock()
+            daemon.log_fields(log, logging.INFO, "caches not synced yet; not programming")
+            return
         claimed, self.pending_since = self.pending_since, None
         started = time.monotonic()
         model = self.model()
         self._report(model)
         try:
-            result = await asyncio.to_thread(self.backend.sync, model)
+            result = await asyncio.to_thread(self.backend.sync, model, self.force_full)
         except Exception:
             SYNC_FAILURES.inc()
+            self.force_full = True  # we no longer know exactly what the kernel holds
             if claimed is not None:
                 self.pending_since = claimed if self.pending_since is None else min(claimed, self.pending_since)
             elif self.pending_since is None:
                 self.pending_since = self.clock()
-            raise  # the runner logs it and retries; the backend forces a full sync next time
+            raise  # the runner logs it and retries; the retry is a full sync (force_full)
+        self.force_full = False
         elapsed = time.monotonic() - started
         SYNC_SECONDS.labels("full" if result.full else "partial").observe(elapsed)
         LAST_SYNC.set(time.time())
@@ -180,7 +194,7 @@ def health_answer(check: HealthCheck, proxy_healthy: bool) -> tuple[int, str, di
 
 
 def run_daemon(args, node: NodeFacts) -> int:
-    from netplane.client import Client, CoalescingRunner, WatchView
+    from netplane.client import Client, WatchView
     from netplane.proxy.apply import backend_for
 
     daemon.setup_logging("proxy")
@@ -197,26 +211,34 @@ def run_daemon(args, node: NodeFacts) -> int:
         proxier = holder["proxier"] = Proxier(view, node, backend_for(args.backend),
                                               clean_conntrack=args.conntrack_cleanup == "on",
                                               health_servers=health_servers)
-        runner = CoalescingRunner(proxier.sync, min_interval=args.min_sync_interval, retry_interval=1.0)
-
-        def changed() -> None:
-            proxier.on_change()
-            runner.request()
-
-        view.add_listener(changed)
         try:
-            await view.start()
-            if await _wait_synced(view, stop):
-                daemon.log_fields(log, logging.INFO, "caches synced; programming", node=node.name,
-                                  backend=args.backend)
-                runner.request()
-                await runner.run(stop)
+            await follow(view, proxier, stop, min_interval=args.min_sync_interval)
         finally:
             await health_servers.close()
             await view.stop()
             await client.close()
 
     return daemon.run(main, component="proxy", health_listen=args.health_listen, healthy=healthy)
+
+
+async def follow(view, proxier: Proxier, stop: asyncio.Event, min_interval: float = 0.1,
+                 retry_interval: float = 1.0) -> None:
+    """Start the view, wait until every kind has synced, then keep the rules in sync with it
+    (coalesced; a failed sync retried after retry_interval) until `stop` is set."""
+    from netplane.client import CoalescingRunner
+    runner = CoalescingRunner(proxier.sync, min_interval=min_interval, retry_interval=retry_interval)
+
+    def changed() -> None:
+        proxier.on_change()
+        runner.request()
+
+    view.add_listener(changed)
+    await view.start()
+    if await _wait_synced(view, stop):
+        daemon.log_fields(log, logging.INFO, "caches synced; programming", node=proxier.node.name,
+                          backend=getattr(proxier.backend, "command", None) or proxier.backend.name)
+        runner.request()
+        await runner.run(stop)
 
 
 async def _wait_synced(view, stop: asyncio.Event) -> bool:

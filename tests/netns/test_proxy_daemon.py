@@ -1,8 +1,11 @@
 """`netplane proxy run` against a real API server: rules follow the objects, partial syncs,
 stale UDP conntrack clean-up (answers resume within 1 s when the endpoint is replaced),
-/healthz and /metrics. The API server and the proxy run inside the test's node namespace."""
+/healthz and /metrics. The API server and the proxy run inside the test's node namespace.
+And the reconcile loop's failure path against the kernel: a failed apply keeps the old rules,
+the retry is a full sync."""
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -12,8 +15,14 @@ from pathlib import Path
 import pytest
 
 from netplane import netns
+from netplane.proxy.apply import ApplyError, NftBackend
+from netplane.proxy.model import NodeFacts
+from netplane.proxy.proxier import Proxier
 from tests.conftest import needs_root
 from tests.netns.test_proxy import EP1, EP2, NODE_IP, POD, WEB, Topology, answers
+from tests.netns.test_proxy_partial import endpoint_slice as slice_object
+from tests.netns.test_proxy_partial import service as service_object
+from tests.netns.test_proxy_partial import table_contents
 
 pytestmark = [needs_root, pytest.mark.netns]
 
@@ -94,6 +103,39 @@ class Lab:
         return int(code or 0), body
 
 
+def metrics(lab: Lab) -> dict[tuple[str, tuple], float]:
+    """The proxy's /metrics as {(sample name, sorted labels): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+    code, text = lab.http_get("http://127.0.0.1:10256/metrics")
+    assert code == 200
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
+SERVICES_PROGRAMMED = ("netplane_proxy_services_programmed", ())
+RULES_PROGRAMMED = ("netplane_proxy_rules_programmed", ())
+CHAINS_PROGRAMMED = ("netplane_proxy_chains_programmed", ())
+LAST_SYNC = ("netplane_proxy_last_sync_timestamp_seconds", ())
+
+
+def service_ports_in_api(lab: Lab) -> int:
+    """Service ports the API server holds (every Service here is single-stack), the apiserver's
+    own default/kubernetes included."""
+    code, body = lab.http_get(f"{API}/api/v1/services")
+    assert code == 200, body
+    return sum(len(item["spec"].get("ports") or []) for item in json.loads(body)["items"]
+               if item["spec"].get("type") != "ExternalName" and item["spec"].get("clusterIP") != "None")
+
+
+def service_chains_in_kernel(lab: Lab) -> list[str]:
+    """The per-Service-port chains of our nft table in the node namespace."""
+    return [c for c in table_contents(lab.topo["node"])["chains"] if c.startswith("service-") and "/" in c]
+
+
+def sync_count(values: dict, kind: str) -> float:
+    return values.get(("netplane_proxy_sync_duration_seconds_count", (("kind", kind),)), 0.0)
+
+
 def wait_until(predicate, timeout: float = 15.0, what: str = "condition"):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -124,9 +166,20 @@ def lab(tmp_path: Path):
 
 def test_rules_follow_the_api_and_udp_answers_resume_after_endpoint_replaced(lab: Lab) -> None:
     topo = lab.topo
+    started = time.time()
     lab.apply(SERVICE + "---" + endpoint_slice(EP1))
     wait_until(lambda: topo.client("pod", "tcp", WEB, 80) == [f"ep1 {POD}"], what="ClusterIP -> ep1")
     assert lab.http_get("http://127.0.0.1:10256/healthz")[0] == 200
+    # the Service ports programmed: web's two (TCP and UDP 80) and default/kubernetes
+    ports = service_ports_in_api(lab)
+    assert ports == 3
+    first = wait_until(lambda: (lambda m: m if m[SERVICES_PROGRAMMED] == ports else None)(metrics(lab)),
+                       what=f"services programmed = {ports}")
+    chains = service_chains_in_kernel(lab)
+    assert len(chains) == ports and sum("default/web/" in c for c in chains) == 2, chains
+    assert started <= first[LAST_SYNC] <= time.time()
+    assert first[RULES_PROGRAMMED] > 0 and first[CHAINS_PROGRAMMED] > 0
+    assert sync_count(first, "full") >= 1
 
     stream = subprocess.Popen(netns.in_netns(topo["pod"], [sys.executable, "-c", UDP_STREAM, WEB, "80", "4"]),
                               stdout=subprocess.PIPE, text=True)
@@ -148,12 +201,11 @@ def test_rules_follow_the_api_and_udp_answers_resume_after_endpoint_replaced(lab
     lab.apply(endpoint_slice())
     wait_until(lambda: topo.client("pod", "tcp", WEB, 80) == ["REFUSED"], what="REJECT without endpoints")
 
-    code, metrics = lab.http_get("http://127.0.0.1:10256/metrics")
-    assert code == 200
-    assert 'netplane_proxy_sync_duration_seconds_count{kind="partial"}' in metrics
-    assert "netplane_proxy_last_sync_timestamp_seconds" in metrics
-    assert "netplane_proxy_rules_programmed" in metrics
-
+    last = metrics(lab)
+    assert sync_count(last, "partial") > 0  # the changes after the first sync were partial syncs
+    assert last[LAST_SYNC] > first[LAST_SYNC]
+    assert last[SERVICES_PROGRAMMED] == service_ports_in_api(lab) == 3  # without endpoints: a REJECT
+    assert last[RULES_PROGRAMMED] > 0
 
 
 def health_service(policy: str) -> str:
@@ -190,6 +242,9 @@ def test_health_check_node_port_answers_with_local_endpoints(lab: Lab) -> None:
     answer = json.loads(body)
     assert answer["service"] == {"namespace": "default", "name": "local-web"}
     assert answer["localEndpoints"] == 1
+    values = metrics(lab)
+    assert values[SERVICES_PROGRAMMED] == service_ports_in_api(lab) == 2  # local-web's, kubernetes'
+    assert values[LAST_SYNC] > 0 and values[RULES_PROGRAMMED] > 0
 
     lab.apply(health_slice("node-b"))  # the only endpoint is now on another node
     code, body = wait_until(lambda: (lambda r: r if r[0] == 503 else None)(lab.http_get(url)),
@@ -198,3 +253,50 @@ def test_health_check_node_port_answers_with_local_endpoints(lab: Lab) -> None:
 
     lab.apply(health_service("Cluster"))  # no health check for externalTrafficPolicy Cluster
     wait_until(lambda: lab.http_get(url)[0] == 0, what="health check port closed")
+
+
+# --- a failed apply, against the kernel ---------------------------------------------------------
+
+class ObjectsView:
+    """A synced view of objects the test replaces."""
+
+    def __init__(self, objs):
+        self.objs = list(objs)
+
+    def list(self, kind):
+        return [o for o in self.objs if o["kind"] == kind]
+
+    def is_synced(self):
+        return True
+
+
+FAIL_NODE = NodeFacts("node-a", node_ips=("192.168.77.1",), cluster_cidrs=("10.244.0.0/16",))
+HTTP = [{"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP"}]
+
+
+def test_failed_apply_keeps_the_old_rules_and_the_retry_is_a_full_sync(make_netns) -> None:
+    node, fresh = make_netns("pxfail"), make_netns("pxref")
+    web = [service_object("web", "10.96.0.50", HTTP), slice_object("web", ["10.244.1.10"])]
+    gone = [service_object("gone", "10.96.0.53", HTTP), slice_object("gone", ["10.244.1.14"])]
+    api = [service_object("api", "10.96.0.51", HTTP), slice_object("api", ["10.244.2.10"])]
+    view = ObjectsView(web + gone)
+    proxier = Proxier(view, FAIL_NODE, NftBackend(node), clean_conntrack=False)
+    asyncio.run(proxier.sync())
+    # Someone else holds a reference to the chain of Service "gone": the delta that deletes
+    # that chain fails in the kernel (EBUSY), a real apply failure.
+    gone_chain = next(c for c in table_contents(node)["chains"] if "default/gone/" in c)
+    netns.run(["nft", "-f", "-"], netns=node, input=f"add chain ip netplane intruder\n"
+                                                     f"add rule ip netplane intruder jump {gone_chain}\n")
+    kept = table_contents(node)
+
+    view.objs = web + api  # "gone" deleted, "api" added: a partial sync
+    with pytest.raises(ApplyError):
+        asyncio.run(proxier.sync())
+    assert table_contents(node) == kept  # nothing half-applied: not even "api"'s elements
+    assert proxier.pending_since is not None  # the change still waits, to be retried
+
+    asyncio.run(proxier.sync())  # the retry: a full sync, which replaces the whole table
+    assert proxier.pending_since is None and not proxier.force_full
+    NftBackend(fresh).sync(proxier.model())
+    assert table_contents(node) == table_contents(fresh)
+    assert "intruder" not in table_contents(node)["chains"]
