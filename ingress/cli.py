@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="upstream silent this long: 504 (default %(default)s)")
     serve.add_argument("--client-timeout", type=float, default=Settings.client_header_timeout, metavar="S",
                        help="a client slower than this sending a request head or body gets 408")
+    serve.add_argument("--send-timeout", type=float, default=Settings.send_timeout, metavar="S",
+                       help="a client that takes none of our response bytes for this long is "
+                            "disconnected (default %(default)s)")
     serve.add_argument("--keepalive-timeout", type=float, default=Settings.keepalive_timeout, metavar="S")
     serve.add_argument("--max-header-size", type=_size, default=Settings.max_header_bytes,
                        help="request line + headers over this: 431 (default 32k)")
@@ -95,8 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
 def settings_from(args: argparse.Namespace) -> Settings:
     return Settings(connect_timeout=args.connect_timeout, read_timeout=args.read_timeout,
                     client_header_timeout=args.client_timeout, client_body_timeout=args.client_timeout,
-                    keepalive_timeout=args.keepalive_timeout, max_header_bytes=args.max_header_size,
-                    max_body_bytes=args.max_body_size, access_log=not args.no_access_log)
+                    send_timeout=args.send_timeout, keepalive_timeout=args.keepalive_timeout,
+                    max_header_bytes=args.max_header_size, max_body_bytes=args.max_body_size,
+                    access_log=not args.no_access_log)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -69,6 +69,7 @@ class Settings:
     read_timeout: float = 60.0            # upstream silent this long -> 504 (or abort mid-body)
     client_header_timeout: float = 60.0   # a request head not complete within this -> 408
     client_body_timeout: float = 60.0     # no request body bytes for this long -> 408 / abort
+    send_timeout: float = 60.0            # the client took none of our pending bytes for this long -> close
     keepalive_timeout: float = 75.0       # idle client connection closed after this
     upstream_idle_timeout: float = 60.0   # idle pooled upstream connection closed after this
     tunnel_idle_timeout: float = 3600.0   # an upgraded (WebSocket) pipe idle this long is closed
@@ -203,6 +204,8 @@ class Proxy:
             return
         conn.idle_since = self.loop.time()
         conn.fresh = False
+        if conn.reading_paused:   # idle, it must still see the server close it
+            conn.resume_reading()
         pool.append(conn)
 
     # -- timeouts
@@ -315,9 +318,13 @@ class ClientConnection(asyncio.Protocol):
         self.tunnel: UpstreamConnection | None = None
         self.pause_reasons: set[str] = set()
         self.write_paused = False
+        self.flushing = False        # closed by us, with bytes still waiting for the client to take
+        self.send_since = 0.0        # send timeout: when the client last took any of our bytes
+        self.send_mark = 0           # ... and how many were waiting then
         self.closed = False
         self.read_eof = False
         self.last_activity = 0.0
+        self.head_started = 0.0      # the first byte of the request head being read
 
     # -- asyncio callbacks
     def connection_made(self, transport):
@@ -377,6 +384,7 @@ class ClientConnection(asyncio.Protocol):
 
     def pause_writing(self):
         self.write_paused = True
+        self._watch_send()
         if self.tunnel is not None:
             self.tunnel.transport.pause_reading()
         elif self.queue and self.queue[0].upstream is not None:
@@ -414,10 +422,13 @@ class ClientConnection(asyncio.Protocol):
             self.pause_reasons.discard(reason)
             if not self.pause_reasons and not self.closed:
                 self.transport.resume_reading()
+                # The body timeout did not run while we held the client; it starts again from now.
+                self.last_activity = self.proxy.loop.time()
 
     # -- httptools callbacks (request)
     def on_message_begin(self):
         self.incoming = Exchange(time.monotonic())
+        self.head_started = self.last_activity   # set by data_received, which is calling us
 
     def on_url(self, url: bytes):
         ex = self.incoming
@@ -443,7 +454,9 @@ class ClientConnection(asyncio.Protocol):
         elif lname == b"content-length":
             ex.content_length = int(value)   # llhttp has validated it
         elif lname == b"transfer-encoding":
-            ex.chunked = True                # llhttp accepts only a final `chunked`
+            # llhttp refuses a request whose final coding is not `chunked`, but only after
+            # on_headers_complete; None marks that case so it is refused before anything goes upstream.
+            ex.chunked = True if value.rsplit(b",", 1)[-1].strip(b" \t").lower() == b"chunked" else None
         elif lname == b"connection":
             ex.conn_tokens += [t.strip().lower() for t in value.split(b",")]
         elif lname == b"upgrade":
@@ -459,6 +472,8 @@ class ClientConnection(asyncio.Protocol):
         ex.keep_alive = parser.should_keep_alive()
         if ex.host_count > 1 or (ex.host_count == 0 and ex.version != "1.0"):
             raise _Reject(400, "a request needs exactly one Host header")
+        if ex.chunked is None:
+            raise _Reject(400, "Transfer-Encoding must end in chunked")
         if ex.method == b"CONNECT":
             raise _Reject(405, "CONNECT is not supported")
         limit = self.settings.max_body_bytes
@@ -524,10 +539,13 @@ class ClientConnection(asyncio.Protocol):
         ex.url = path + (b"?" + parsed.query if parsed.query else b"")
         return path
 
-    def connect(self, ex: Exchange):
+    def connect(self, ex: Exchange, timed_out: bool = False):
         backend = ex.route.backend
         endpoint = self.proxy.pick_endpoint(backend, ex.tried)
         if endpoint is None or len(ex.tried) >= self.settings.connect_tries:
+            if timed_out:   # the last try timed out: a gateway timeout, as nginx answers
+                return self.respond(ex, 504, "no endpoint of %s accepted a connection in %gs"
+                                    % (backend.service, self.settings.connect_timeout))
             return self.respond(ex, 502, "no endpoint of %s accepted a connection" % backend.service)
         ex.tried.add(endpoint)
         ex.endpoint = endpoint
@@ -549,7 +567,7 @@ class ClientConnection(asyncio.Protocol):
             log.warning("connect to %s failed: %s", endpoint, err or "timeout")
             if not self.closed and self.queue and self.queue[0] is ex:
                 stats.retries += 1
-                self.connect(ex)
+                self.connect(ex, isinstance(err, (TimeoutError, asyncio.TimeoutError)))
             return
         if self.closed or not self.queue or self.queue[0] is not ex:
             self.proxy.give_back(conn)   # the client went away meanwhile
@@ -740,7 +758,7 @@ class ClientConnection(asyncio.Protocol):
             return
         ex = active or failing or Exchange(time.monotonic())
         ex.close_after = True
-        self.body_expected = ex.content_length > 0 or ex.chunked
+        self.body_expected = ex.content_length > 0 or ex.chunked is not False   # None: a bad TE
         if ex.response_started:
             return self.abort()
         ex.request_done = True
@@ -765,8 +783,24 @@ class ClientConnection(asyncio.Protocol):
         self.resume("upgrade")
 
     # -- deadlines and closing
+    def _watch_send(self):
+        """Start the send timeout: from now on the client must keep taking our bytes."""
+        self.send_since = self.proxy.loop.time()
+        self.send_mark = self.transport.get_write_buffer_size()
+
     def check_deadline(self, now: float):
         s = self.settings
+        if self.write_paused or self.flushing:
+            # The send timeout: the client must take some of what waits for it within send_timeout
+            # (a client that stopped reading is never held, whatever else is under way).
+            waiting = self.transport.get_write_buffer_size()
+            if waiting < self.send_mark:
+                self.send_mark = waiting
+                self.send_since = now
+            elif now - self.send_since > s.send_timeout:
+                return self.abort()
+            if self.flushing:
+                return
         idle = now - self.last_activity
         if self.tunnel is not None:
             if idle > s.tunnel_idle_timeout and now - self.tunnel.last_activity > s.tunnel_idle_timeout:
@@ -783,9 +817,15 @@ class ClientConnection(asyncio.Protocol):
                     return self.abort()
                 ex.close_after = True
                 return self.respond(ex, 504, f"upstream {ex.endpoint} did not answer in {s.read_timeout:g}s")
-        if self.incoming is not None and not self.pause_reasons:
-            limit = s.client_body_timeout if self.incoming in self.queue else s.client_header_timeout
-            if idle > limit:
+        incoming = self.incoming
+        if incoming is not None:
+            if incoming in self.queue:   # its body: it must keep coming, no gap over the body timeout
+                if not self.pause_reasons and idle > s.client_body_timeout:
+                    self.fail(408, "request body not received in time")
+            elif self.queue or self.pause_reasons:
+                self.head_started = now   # its head's clock runs once nothing is ahead and we read
+            elif now - self.head_started > s.client_header_timeout:
+                # the whole head within the header timeout of its first byte, however it trickles in
                 self.fail(408, "request not received in time")
         elif not self.queue and idle > s.keepalive_timeout:
             self.close()
@@ -797,6 +837,11 @@ class ClientConnection(asyncio.Protocol):
         if self.in_body or self.body_expected:
             return self._linger()
         self.transport.close()
+        if self.write_paused or self.transport.get_write_buffer_size():
+            # The transport closes once the client has taken the rest; the send timeout watches that.
+            if not self.write_paused:
+                self._watch_send()
+            self.flushing = True
 
     def _linger(self):
         """Closing while the client is still sending its body: read and drop it for a while, so the
@@ -845,7 +890,10 @@ class UpstreamConnection(asyncio.Protocol):
         self.ex = ex
         self.reusable = True
         self.last_activity = self.proxy.loop.time()
-        self.resume_reading()
+        if client.write_paused:   # the client is not taking what we have: read its answer later
+            self.pause_reading()
+        else:
+            self.resume_reading()
 
     # -- asyncio callbacks
     def connection_made(self, transport):

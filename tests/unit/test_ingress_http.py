@@ -2,9 +2,10 @@
 backends (`netplane echo` processes and small in-test servers), real sockets. No root needed.
 
 Covers routing by host and path (the conformance path table over the wire), 404, 503, keep-alive,
-round-robin, forwarding headers, hop-by-hop removal, pipelining, chunked streaming both ways,
-smuggling inputs, 431, 413, 502, 504, retry on another endpoint, WebSocket upgrade, TLS by SNI and
---workers with SO_REUSEPORT.
+round-robin, forwarding headers, hop-by-hop removal, the Server header, pipelining, chunked streaming
+both ways, smuggling inputs, 431, 413 (Content-Length and chunked), 502, 504, retry on another
+endpoint, upstream connect timeout, slow clients (header, send timeouts), WebSocket upgrade, TLS by
+SNI, the HTTP to HTTPS redirect and --workers with SO_REUSEPORT.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -64,7 +66,9 @@ def stop_process(proc: subprocess.Popen) -> None:
 
 class RecordingBackend(BaseHTTPRequestHandler):
     """Answers JSON describing the request it got (which backend, the head, the body size).
-    Special paths: /chunked-response, /slow, /garbage, /close-delimited."""
+    Special paths: /chunked-response, /slow, /garbage, /close-delimited, /kib/N (N KiB of "k"; then
+    closing the connection with `?close`). Every request path it saw (before reading the body) goes
+    into `server.seen`."""
     protocol_version = "HTTP/1.1"
     server_version = "test-backend"
 
@@ -84,10 +88,21 @@ class RecordingBackend(BaseHTTPRequestHandler):
         return self.rfile.read(int(self.headers.get("Content-Length") or 0))
 
     def _answer(self):
+        self.server.seen.append(self.path)
         body = self._body()
         path = self.path
         if path.startswith("/slow"):
             time.sleep(3)
+        if path.startswith("/kib/"):
+            data = b"k" * (int(path[5:].split("?")[0]) << 10)
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            if "close" in path:
+                self.send_header("Connection", "close")
+                self.close_connection = True
+            self.end_headers()
+            self.wfile.write(data)
+            return
         if path.startswith("/garbage"):
             self.wfile.write(b"THIS IS NOT HTTP\r\n\r\n")
             self.close_connection = True
@@ -129,6 +144,7 @@ class ThreadedServer(socketserver.ThreadingTCPServer):
 def start_backend(name: str, handler=RecordingBackend):
     server = ThreadedServer(("127.0.0.1", 0), handler)
     server.name = name
+    server.seen = []
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server
 
@@ -254,6 +270,7 @@ def world(tmp_path_factory):
     try:
         w.echo_a, w.echo_b = w.echo("pod-a"), w.echo("pod-b")
         w.hdr = w.backend("hdr")
+        w.hdr_seen = w.servers[-1].seen
         w.ws = w.backend("ws", WebSocketish)
         dead = free_port()   # nothing listens here: connects are refused
         conformance = {name: w.backend(name) for name in CONFORMANCE_SERVICES}
@@ -426,6 +443,14 @@ def test_forwarding_headers_set_and_hop_by_hop_removed_both_ways(world):
     assert resp.getheader("X-Secret-Hop") is None and resp.getheader("Server").startswith("test-backend")
 
 
+def test_server_header_is_added_only_when_the_upstream_sends_none(world):
+    _, _, resp = get(world, "hdr.test", "/close-delimited")   # this answer carries no Server header
+    assert resp.msg.get_all("Server") == ["netplane-ingress"]
+    _, _, resp = get(world, "hdr.test", "/h")                  # this one does: passed on, not doubled
+    servers = resp.msg.get_all("Server")
+    assert len(servers) == 1 and servers[0].startswith("test-backend")
+
+
 # ------------------------------------------------------------------------------ bodies and framing
 
 def test_chunked_request_body_and_chunked_response_are_streamed(world):
@@ -572,12 +597,24 @@ def test_head_response_has_no_body(world):
     ("bad chunk size", b"POST / HTTP/1.1\r\nHost: hdr.test\r\nTransfer-Encoding: chunked\r\n\r\n0x5\r\nabcde\r\n0\r\n\r\n"),
     ("TE not final chunked", b"POST / HTTP/1.1\r\nHost: hdr.test\r\nTransfer-Encoding: chunked, identity\r\n\r\n"),
     ("bare LF", b"GET / HTTP/1.1\nHost: hdr.test\n\n"),
+    ("TE xchunked", b"POST / HTTP/1.1\r\nHost: hdr.test\r\nTransfer-Encoding: xchunked\r\n\r\n5\r\nabcde\r\n0\r\n\r\n"),
+    ("TE gzip only", b"POST / HTTP/1.1\r\nHost: hdr.test\r\nTransfer-Encoding: gzip\r\n\r\nabcde"),
+    ("TE chunked then gzip", b"POST / HTTP/1.1\r\nHost: hdr.test\r\nTransfer-Encoding: chunked\r\n"
+                             b"Transfer-Encoding: gzip\r\n\r\n0\r\n\r\n"),
+    ("CL with a sign", b"POST / HTTP/1.1\r\nHost: hdr.test\r\nContent-Length: +5\r\n\r\nabcde"),
+    ("NUL in a header value", b"GET / HTTP/1.1\r\nHost: hdr.test\r\nX-A: a\x00b\r\n\r\n"),
+    ("NUL in Host", b"GET / HTTP/1.1\r\nHost: hdr.test\x00.evil\r\n\r\n"),
 ])
 def test_smuggling_inputs_are_refused_with_400_and_close(world, name, request_bytes):
+    get(world, "hdr.test", "/warm-the-pool")   # an idle pooled upstream connection: a head would go at once
+    seen = len(world.hdr_seen)
     out = raw(world, request_bytes)
     assert out.startswith(b"HTTP/1.1 400 "), (name, out[:200])
     assert b"Connection: close" in out
-    assert b'"backend"' not in out   # nothing reached the backend
+    assert b'"backend"' not in out   # nothing answered from the backend
+    if name != "bad chunk size":     # (a body error: its valid head had gone upstream, as it streams)
+        time.sleep(0.2)
+        assert world.hdr_seen[seen:] == [], "the request head reached the backend"
 
 
 def test_header_section_over_the_limit_is_431(world):
@@ -592,6 +629,27 @@ def test_body_over_the_limit_is_413(world):
     assert out.startswith(b"HTTP/1.1 413 ")
     status, _, _ = get(world, "hdr.test", "/", method="POST", body=b"z" * 2_000_000)
     assert status == 413
+
+
+def test_chunked_body_over_the_limit_is_413(world):
+    """No Content-Length to check up front: the limit (1m here) is counted as the chunks stream."""
+    with socket.create_connection(("127.0.0.1", world.port), timeout=10) as s:
+        s.sendall(b"POST /chunked-over HTTP/1.1\r\nHost: hdr.test\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for _ in range(3):
+            s.sendall(_MIB_CHUNK)
+        s.sendall(b"0\r\n\r\n")
+        out = b""
+        while chunk := s.recv(65536):
+            out += chunk
+    assert out.startswith(b"HTTP/1.1 413 "), out[:200]
+    assert b"Connection: close" in out and b'"backend"' not in out
+    # right at the limit passes
+    conn = http.client.HTTPConnection("127.0.0.1", world.port, timeout=10)
+    conn.request("POST", "/chunked-at-limit", body=iter([b"u" * (1 << 19)] * 2), headers={"Host": "hdr.test"},
+                 encode_chunked=True)
+    resp = conn.getresponse()
+    assert resp.status == 200 and json.loads(resp.read())["body_len"] == 1 << 20
+    conn.close()
 
 
 def test_bad_upstream_response_is_502(world):
@@ -710,3 +768,227 @@ def test_workers_share_the_port_with_so_reuseport(world):
             break
         time.sleep(0.2)
     assert served and float(served.group(1)) == 20, metrics
+
+
+# ------------------------------------------------------------------------------ strict timeouts
+
+STRICT_SEND_TIMEOUT = 1.0
+STRICT_CLIENT_TIMEOUT = 1.0
+STRICT_CONNECT_TIMEOUT = 0.5
+_MIB = b"z" * (1 << 20)
+
+
+class BigResponseBackend(socketserver.BaseRequestHandler):
+    """Answers one request with a 1 GiB body (Content-Length); an answer cut short because the
+    other side went away is counted in `server.cut_short`."""
+
+    def handle(self):
+        read_head(self.request.makefile("rb"))
+        try:
+            self.request.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % GIB)
+            for _ in range(GIB >> 20):
+                self.request.sendall(_MIB)
+        except OSError:
+            self.server.cut_short.append(time.monotonic())
+
+
+def full_backlog_listener() -> tuple[socket.socket, list[socket.socket], bool]:
+    """A listener that never accepts, its accept queue filled: the kernel drops further SYNs, so a
+    connect to it neither succeeds nor fails (until the connector gives up). Returns the listener,
+    the connections holding its queue, and whether a probe connect really hung."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    held: list[socket.socket] = []
+    for _ in range(16):
+        probe = socket.socket()
+        probe.settimeout(0.3)
+        try:
+            probe.connect(listener.getsockname())
+        except (TimeoutError, socket.timeout):
+            probe.close()
+            return listener, held, True
+        except OSError:
+            probe.close()
+            break
+        held.append(probe)
+    return listener, held, False
+
+
+def get_response(sock: socket.socket) -> tuple[bytes, bytes, object]:
+    """One Content-Length response from `sock`: (head, body, the buffered reader for what follows)."""
+    f = sock.makefile("rb")
+    head = read_head(f)
+    length = int(re.search(rb"(?i)\r\ncontent-length: *(\d+)", head).group(1))
+    return head, f.read(length), f
+
+
+@pytest.fixture(scope="module")
+def strict(world):
+    """A second proxy with small client and connect timeouts, --ssl-redirect, a 1 GiB backend and a
+    backend whose connects hang."""
+    big = start_backend("big", BigResponseBackend)
+    big.cut_short = []
+    world.servers.append(big)
+    hole, held, hangs = full_backlog_listener()
+    try:
+        secrets = [o for o in world.objects if o["kind"] == "Secret"]
+        objects = (svc_objects("big", [big.server_address[1]]) + svc_objects("hdr", [world.hdr])
+                   + svc_objects("hole", [hole.getsockname()[1]])
+                   + svc_objects("hole-retry", [hole.getsockname()[1], world.echo_a]) + secrets)
+        objects.append({
+            "apiVersion": "networking.k8s.io/v1", "kind": "Ingress",
+            "metadata": {"name": "strict", "namespace": "default"},
+            "spec": {"tls": [{"hosts": ["a.test"], "secretName": "a-tls"}],
+                     "rules": [rule("a.test", [("/", "Prefix", "hdr")]), rule("hdr.test", [("/", "Prefix", "hdr")]),
+                               rule("big.test", [("/", "Prefix", "big")]), rule("hole.test", [("/", "Prefix", "hole")]),
+                               rule("hole-retry.test", [("/", "Prefix", "hole-retry")])]}})
+        ports = world.ingress(objects, "--send-timeout", str(STRICT_SEND_TIMEOUT),
+                              "--client-timeout", str(STRICT_CLIENT_TIMEOUT),
+                              "--connect-timeout", str(STRICT_CONNECT_TIMEOUT), "--ssl-redirect",
+                              "--no-access-log", tls=True)
+        yield SimpleNamespace(port=ports["http"], ports=ports, big=big, hole_hangs=hangs)
+    finally:
+        for sock in held:
+            sock.close()
+        hole.close()
+
+
+def test_client_that_stops_reading_is_dropped_after_the_send_timeout(strict):
+    """A client that takes none of a big response is cut off (and the upstream connection with it),
+    instead of being held with the backend paused behind it forever."""
+    cut = len(strict.big.cut_short)
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 16)
+        s.settimeout(10)
+        s.connect(("127.0.0.1", strict.port))
+        s.sendall(b"GET /big HTTP/1.1\r\nHost: big.test\r\n\r\n")
+        time.sleep(STRICT_SEND_TIMEOUT + 1)   # reading nothing
+        deadline = time.monotonic() + 3
+        while len(strict.big.cut_short) == cut and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(strict.big.cut_short) > cut, "the proxy still holds the stalled client and its upstream"
+        received = 0
+        try:
+            while chunk := s.recv(1 << 20):
+                received += len(chunk)
+        except ConnectionResetError:
+            pass
+    assert received < 64 << 20   # what sat in buffers, then the end: not the rest of the 1 GiB
+
+
+@pytest.mark.parametrize("close", [False, True], ids=["pooled upstream", "new upstream each"])
+def test_pipelined_responses_to_a_client_that_does_not_read_are_not_buffered(strict, world, close):
+    """Back-pressure holds across pipelined requests: while the client is not reading, the next
+    request's upstream is not read either, so the proxy does not pile responses up in memory. With
+    `close` every response comes on a new upstream connection (connected while writing is paused)."""
+    tag = f"bp{time.monotonic_ns()}"
+    seen = lambda: sum(1 for p in world.hdr_seen if p.endswith(tag))
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 16)
+        s.connect(("127.0.0.1", strict.port))
+        s.sendall(b"".join(b"GET /kib/32?%s%d-%s HTTP/1.1\r\nHost: hdr.test\r\n\r\n"
+                           % (b"close-" if close else b"", i, tag.encode())
+                           for i in range(2000)))   # 62 MiB of responses; we read none of them
+        time.sleep(STRICT_SEND_TIMEOUT * 0.8)        # (before the send timeout ends it all)
+        served = seen()
+    # what fits in the buffers was answered (the proxy's socket send buffer at its largest, our small
+    # receive buffer, the transport's own), not everything asked for
+    send_buffer = int(Path("/proc/sys/net/ipv4/tcp_wmem").read_text().split()[2])
+    bound = (send_buffer + (2 << 20)) // (32 << 10)
+    assert served < bound, f"{served} of 2000 responses fetched for a client reading nothing (bound {bound})"
+
+
+def test_client_reading_slowly_but_steadily_is_not_dropped(strict):
+    """The send timeout counts from the last progress, not from the start of the response."""
+    with socket.create_connection(("127.0.0.1", strict.port), timeout=10) as s:
+        s.sendall(b"GET /big HTTP/1.1\r\nHost: big.test\r\n\r\n")
+        f = s.makefile("rb")
+        assert read_head(f).startswith(b"HTTP/1.1 200 ")
+        got = 0
+        until = time.monotonic() + STRICT_SEND_TIMEOUT * 3
+        while time.monotonic() < until:   # about 5 MiB/s, far slower than the backend sends
+            data = f.read(256 << 10)
+            assert len(data) == 256 << 10 and data.count(b"z") == len(data), "the response was cut short"
+            got += len(data)
+            time.sleep(0.05)
+    assert got >= 4 << 20
+
+
+def test_request_head_trickled_a_byte_at_a_time_times_out_from_its_first_byte(strict):
+    started = time.monotonic()
+    out = b""
+    with socket.create_connection(("127.0.0.1", strict.port), timeout=10) as s:
+        s.sendall(b"GET / HTTP/1.1\r\nHost: hdr.test\r\nX-Trickle: ")
+        s.settimeout(0.2)
+        while not out and time.monotonic() - started < STRICT_CLIENT_TIMEOUT + 4:
+            try:
+                s.sendall(b"a")     # a byte well within the timeout of the one before
+                out = s.recv(4096)
+            except socket.timeout:
+                continue
+            except OSError:
+                break
+        elapsed = time.monotonic() - started
+    assert out.startswith(b"HTTP/1.1 408 "), out[:200]
+    assert elapsed < STRICT_CLIENT_TIMEOUT + 1.5
+
+
+@pytest.mark.parametrize("held,rest", [
+    (b"GET /second HTTP/1.1\r\nHo", b"st: hdr.test\r\nConnection: close\r\n\r\n"),
+    (b"POST /second HTTP/1.1\r\nHost: hdr.test\r\nContent-Length: 4\r\nConnection: close\r\n\r\n", b"body"),
+], ids=["head", "body"])
+def test_pipelined_request_waiting_behind_a_slow_one_is_not_timed_out(strict, held, rest):
+    """The client timeouts run only while the proxy is reading that request: one pipelined behind a
+    slow request (3 s here, over the 1 s timeout) is not charged for the wait, with its head still
+    incomplete or its body not sent yet."""
+    with socket.create_connection(("127.0.0.1", strict.port), timeout=10) as s:
+        s.sendall(b"GET /slow HTTP/1.1\r\nHost: hdr.test\r\n\r\n" + held)
+        head, body, f = get_response(s)
+        assert head.startswith(b"HTTP/1.1 200 ") and json.loads(body)["path"] == "/slow"
+        assert b"connection: close" not in head.lower()
+        time.sleep(STRICT_CLIENT_TIMEOUT * 0.3)
+        s.sendall(rest)
+        out = f.read()
+    assert out.startswith(b"HTTP/1.1 200 ") and b'"/second"' in out, out[:200]
+
+
+def test_plain_http_to_a_tls_host_is_redirected_to_https_with_308(strict):
+    https = strict.ports["https"]
+    status, _, resp = get(strict, "a.test", "/x/y?q=1")
+    assert status == 308 and resp.getheader("Location") == f"https://a.test:{https}/x/y?q=1"
+    status, _, resp = get(strict, "A.Test:8080", "/p", method="POST", body=b"data")   # the name only, our port
+    assert status == 308 and resp.getheader("Location") == f"https://a.test:{https}/p"
+    # a host with no certificate is proxied as usual
+    status, body, resp = get(strict, "hdr.test", "/plain")
+    assert status == 200 and json.loads(body)["path"] == "/plain" and resp.getheader("Location") is None
+    # and over TLS the TLS host is served, not redirected again
+    _, out = tls_get(strict, "a.test", "a.test")
+    assert out.startswith(b"HTTP/1.1 200 ") and b'"/tls"' in out
+
+
+def test_plain_http_is_not_redirected_without_the_flag(world):
+    status, body, _ = get(world, "a.test", "/no-redirect")
+    assert status == 200 and pod_of(body) == "pod-a"
+
+
+def test_upstream_connect_timeout_is_honoured(strict):
+    if not strict.hole_hangs:
+        pytest.skip("could not make a listener whose connects hang (the kernel did not drop SYNs)")
+    started = time.monotonic()
+    status, body, _ = get(strict, "hole.test", "/")
+    elapsed = time.monotonic() - started
+    assert status == 504 and f"in {STRICT_CONNECT_TIMEOUT:g}s" in body, body
+    assert STRICT_CONNECT_TIMEOUT - 0.1 < elapsed < STRICT_CONNECT_TIMEOUT + 1.5   # not the 5 s default
+
+
+def test_connect_timeout_moves_on_to_another_endpoint(strict):
+    if not strict.hole_hangs:
+        pytest.skip("could not make a listener whose connects hang (the kernel did not drop SYNs)")
+    took = []
+    for _ in range(4):   # round-robin: some of these try the hanging endpoint first
+        started = time.monotonic()
+        status, body, _ = get(strict, "hole-retry.test", "/")
+        took.append(time.monotonic() - started)
+        assert status == 200 and pod_of(body) == "pod-a"
+    assert STRICT_CONNECT_TIMEOUT - 0.1 < max(took) < STRICT_CONNECT_TIMEOUT + 1.5, took
