@@ -341,6 +341,7 @@ def describe(table: RouteTable) -> str:
         lines.append(host)
         entries = [(p, "Exact", r) for p, r in vhost.exact.items()]
         entries += [(p or "/", "Prefix", r) for p, r in vhost.prefix.items()]
+        entries += [(p, "String", r) for p, r in vhost.plain.items()]   # ImplementationSpecific
         for path, kind, route in sorted(entries, key=lambda e: (-len(e[0]), e[1] != "Exact")):
             backend = route.backend
             target = (", ".join(map(str, backend.endpoints)) if backend.usable

@@ -243,7 +243,7 @@ def _all_backends(table: RouteTable):
     if table.any_host:
         vhosts.append(table.any_host)
     for vhost in vhosts:
-        for route in list(vhost.exact.values()) + list(vhost.prefix.values()):
+        for route in [*vhost.exact.values(), *vhost.prefix.values(), *vhost.plain.values()]:
             if route.backend:
                 yield route.backend
     if table.default_route.backend:

@@ -10,8 +10,9 @@ Matching follows Ingress v1 (networking.k8s.io/v1):
   else a one-label wildcard, else the rules with no host. There is no fall-through between them: a
   request for a known host whose paths do not match goes to the default backend (or 404).
 - Paths: `Exact` is byte-for-byte; `Prefix` is element-wise on `/` with trailing slashes ignored
-  (`/foo` matches `/foo`, `/foo/`, `/foo/bar`, never `/foobar`); `ImplementationSpecific` is
-  documented here as the same as `Prefix`. Only the path before `?` is compared, case-sensitively.
+  (`/foo` matches `/foo`, `/foo/`, `/foo/bar`, never `/foobar`); `ImplementationSpecific` is, in
+  this implementation, a plain string prefix, as ingress-nginx has it (`/foo` matches `/foobar`
+  too). Only the path before `?` is compared, case-sensitively.
 - Precedence among matching paths: the longest wins (an Exact match is the whole path, so it beats
   every Prefix); for the same normalised prefix the longer written path (`/foo/` over `/foo`), then
   the oldest Ingress (creationTimestamp), then namespace/name, then rule order.
@@ -73,32 +74,41 @@ NOT_FOUND = Route(None, 404, "no ingress rule matches this host and path")
 @dataclass(frozen=True)
 class _PathRule:
     path: str
-    path_type: str                    # "Exact" or "Prefix" (ImplementationSpecific mapped to Prefix)
+    path_type: str                    # "Exact", "Prefix" or "ImplementationSpecific" (a string prefix)
     route: Route
     order: tuple                      # tie-breakers: smaller wins
 
 
 @dataclass
 class VirtualHost:
-    """The paths of one host: Exact paths by path; Prefix rules by normalised prefix."""
+    """The paths of one host: Exact paths by path; Prefix rules by normalised prefix;
+    ImplementationSpecific rules as string prefixes, longest first."""
     exact: dict[str, Route] = field(default_factory=dict)
     prefix: dict[str, Route] = field(default_factory=dict)
+    plain: dict[str, Route] = field(default_factory=dict)   # in order: longest first
 
     def match(self, path: str) -> Route | None:
         route = self.exact.get(path)
         if route is not None:
             return route
-        prefix = self.prefix
-        if not prefix:
-            return None
+        route, length = self._element_prefix(path) if self.prefix else (None, -1)
+        for rule_path, plain_route in self.plain.items():
+            if len(rule_path.rstrip("/")) <= length:
+                break   # the longest match wins; on a tie, the element-wise Prefix
+            if path.startswith(rule_path):
+                return plain_route
+        return route
+
+    def _element_prefix(self, path: str) -> tuple[Route | None, int]:
         # Candidates are the path cut at each '/' boundary, longest first: /a/b/c, /a/b, /a, "".
+        prefix = self.prefix
         candidate = path.rstrip("/") if path != "/" else ""
         while True:
             route = prefix.get(candidate)
             if route is not None:
-                return route
+                return route, len(candidate)
             if not candidate:
-                return None
+                return None, -1
             cut = candidate.rfind("/")
             candidate = candidate[:cut] if cut > 0 else ""
 
@@ -372,8 +382,7 @@ def _path_rule(p: dict, namespace: str, ref: str, index: _ServiceIndex, order: t
     backend = _backend(p.get("backend") or {}, namespace, index)
     if isinstance(backend, str):
         return f"{where}.backend: {backend}"
-    kind = "Exact" if path_type == "Exact" else "Prefix"
-    return _PathRule(path, kind, Route(backend, ingress=ref, path=path), order)
+    return _PathRule(path, path_type, Route(backend, ingress=ref, path=path), order)
 
 
 def _vhost(rules: list[_PathRule]) -> VirtualHost:
@@ -383,8 +392,10 @@ def _vhost(rules: list[_PathRule]) -> VirtualHost:
     for rule in sorted(rules, key=lambda r: (-len(r.path), r.order)):
         if rule.path_type == "Exact":
             vhost.exact.setdefault(rule.path, rule.route)
-        else:
+        elif rule.path_type == "Prefix":
             vhost.prefix.setdefault(rule.path.rstrip("/"), rule.route)
+        else:
+            vhost.plain.setdefault(rule.path, rule.route)
     return vhost
 
 

@@ -94,7 +94,14 @@ DOCS_TABLE = [
     ([("/foo", "Prefix", "prefix"), ("/foo", "Exact", "exact")], "/foo", "exact"),
     ([("/foo", "Exact", "exact"), ("/foo", "Prefix", "prefix")], "/foo", "exact"),
     ([("/foo", "ImplementationSpecific", "impl")], "/foo/bar", "impl"),
-    ([("/foo", "ImplementationSpecific", "impl")], "/foobar", 404),
+    # ImplementationSpecific: a plain string prefix (ingress-nginx's reading), longest match first
+    ([("/foo", "ImplementationSpecific", "impl")], "/foobar", "impl"),
+    ([("/foo", "ImplementationSpecific", "impl")], "/fo", 404),
+    ([("/foo", "Prefix", "prefix"), ("/foo/ba", "ImplementationSpecific", "impl")], "/foo/bar", "impl"),
+    ([("/foo/bar", "Prefix", "prefix"), ("/foo/ba", "ImplementationSpecific", "impl")], "/foo/bar", "prefix"),
+    ([("/foo", "Prefix", "prefix"), ("/foo", "ImplementationSpecific", "impl")], "/foo/x", "prefix"),
+    ([("/foo", "Exact", "exact"), ("/f", "ImplementationSpecific", "impl")], "/foo", "exact"),
+    ([("/", "ImplementationSpecific", "impl"), ("/api", "Prefix", "api")], "/apix", "impl"),
 ]
 
 
