@@ -925,21 +925,6 @@ def main(argv: list[str] | None = None) -> int:
     except podnet.MountNamespaceError as err:
         log_fields(log, logging.ERROR, "cannot run pods", error=str(err))
         return 1
-    holder: dict = {}
-
-    async def run(stop: asyncio.Event) -> None:
-        from netplane.client import Client
-        client = Client(config.server)
-        agent = holder["agent"] = Agent(config, client)
-        try:
-            await agent.run(stop)
-        finally:
-            await client.close()
-
-    def healthy() -> tuple[bool, str]:
-        agent = holder.get("agent")
-        return agent.healthy() if agent else (False, "starting")
-
     log_fields(log, logging.INFO, "agent starting", node=config.node_name, node_ip=config.node_ip,
                server=config.server, state_dir=config.state_dir)
     # netplane-cni's resident helper (owned by cni/helper.py): this node's plugin execs forward ADD and
@@ -947,7 +932,8 @@ def main(argv: list[str] | None = None) -> int:
     from netplane.cni import helper as cni_helper
     cni_helper_process = cni_helper.start_or_none()
     try:
-        return daemon.run(run, component="agent", health_listen=config.health_listen, healthy=healthy)
+        return daemon.run_client_daemon(lambda client: Agent(config, client), config.server, "agent",
+                                        config.health_listen, Agent.healthy)
     finally:
         cni_helper.stop(cni_helper_process)
 

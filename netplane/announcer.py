@@ -388,25 +388,14 @@ def main(argv: list[str] | None = None) -> int:
     from netplane import daemon
     config = parse_args(sys.argv[1:] if argv is None else argv)
     daemon.setup_logging("lb-speaker")
-    holder: dict = {}
-
-    async def run(stop: asyncio.Event) -> None:
-        from netplane.client import Client
-        client = Client(config.server)
-        speaker = holder["speaker"] = Speaker(config, client)
-        try:
-            await speaker.run(stop)
-        finally:
-            await client.close()
-
-    def healthy() -> tuple[bool, str]:
-        speaker = holder.get("speaker")
-        if speaker is None or not speaker.view.is_synced():
+    def healthy(speaker: Speaker) -> tuple[bool, str]:
+        if not speaker.view.is_synced():
             return False, "starting"
         return True, f"ok: announcing {', '.join(sorted(speaker.announced)) or 'nothing'}"
 
     try:
-        return daemon.run(run, "lb-speaker", config.health_listen, healthy)
+        return daemon.run_client_daemon(lambda client: Speaker(config, client), config.server, "lb-speaker",
+                                        config.health_listen, healthy)
     except (OSError, RuntimeError) as err:
         log.error("speaker failed: %s", err)
         return 1

@@ -121,3 +121,24 @@ def run(main: Callable[[asyncio.Event], Awaitable[None]], component: str,
 
     asyncio.run(wrapper())
     return 0
+
+
+def run_client_daemon(make: Callable, server: str, component: str, health_listen: str | None,
+                      health_of: Callable) -> int:
+    """`run` for a daemon object that talks to the API server: `make(client)` builds it (its
+    `run(stop)` is the main loop) and `health_of(it)` answers /healthz once it exists."""
+    made: list = []
+
+    async def main(stop: asyncio.Event) -> None:
+        from netplane.client import Client
+        client = Client(server)
+        made.append(make(client))
+        try:
+            await made[0].run(stop)
+        finally:
+            await client.close()
+
+    def healthy() -> tuple[bool, str]:
+        return health_of(made[0]) if made else (False, "starting")
+
+    return run(main, component, health_listen, healthy)
