@@ -405,12 +405,21 @@ def down() -> int:
             os.killpg(pid, signal.SIGTERM)
         except (ProcessLookupError, PermissionError):
             pass
-    names = [n for n in netns.list_named() if is_lab_name(n)]
-    killed = _kill_everything(names)
-    try:  # SIGKILL is asynchronous: wait until they are gone, so "down" means down
-        wait_until(lambda: not any(_alive(pid) for pid in killed), 5, "the lab's processes to exit", 0.05)
-    except TimeoutError as err:
-        say(f"warning: {err}")
+    names: list[str] = []
+    killed: set[int] = set()
+    # Until no new namespace shows up: a sandbox being made when we listed (an `ip netns add` a daemon
+    # had already started) appears only after its maker is killed.
+    for attempt in range(5):
+        new = [n for n in netns.list_named() if is_lab_name(n) and n not in names]
+        if attempt and not new:
+            break
+        names += new
+        batch = _kill_everything(names)
+        killed |= batch
+        try:  # SIGKILL is asynchronous: wait until they are gone, so "down" means down
+            wait_until(lambda: not any(_alive(pid) for pid in batch), 5, "the lab's processes to exit", 0.05)
+        except TimeoutError as err:
+            say(f"warning: {err}")
     if killed:
         removed.append(f"{len(killed)} processes")
     for name in names:
