@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import resource
 import shutil
 import statistics
@@ -155,7 +156,17 @@ def full_load(port: int, pids: list[int], queries: Path, args) -> tuple[float, f
             completed = float(line.split(":")[1].split()[0])
     if not qps:
         raise RuntimeError(f"dnsperf gave no figures:\n{out}")
+    check_response_codes(out)
     return qps, avg, cpu / completed * 1e6, dnsperf_cpu / elapsed, others
+
+
+def check_response_codes(out: str) -> None:
+    """Fast REFUSED or SERVFAIL answers must not count as queries per second: all NOERROR, or fail."""
+    line = next((l for l in out.splitlines() if "Response codes:" in l), "")
+    codes = {code: int(count) for code, count in re.findall(r"([A-Z]+) (\d+) \(", line)}
+    wrong = {code: count for code, count in codes.items() if code != "NOERROR" and count}
+    if not codes or wrong:
+        raise RuntimeError(f"dnsperf saw answers other than NOERROR: {line.strip() or out}")
 
 
 def fixed_load(port: int, queries: Path, clients: int, rate: int, duration: int) -> tuple[float, float]:
