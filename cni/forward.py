@@ -64,6 +64,11 @@ def request_bytes(environ, stdin: bytes) -> bytes:
 def _exchange(sock, environ, stdin: bytes) -> bytes:
     sock.sendall(request_bytes(environ, stdin))
     sock.shutdown(SHUT_WR)
+    return receive_all(sock)
+
+
+def receive_all(sock) -> bytes:
+    """Everything the peer sends until it shuts its side (both ends of the wire format use it)."""
     chunks = []
     while True:
         chunk = sock.recv(65536)

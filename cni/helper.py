@@ -39,7 +39,7 @@ def serve(name: str, ready=None) -> None:
             try:
                 if _peer_allowed(conn):
                     conn.settimeout(REQUEST_TIMEOUT)
-                    request = _receive(conn)
+                    request = forward.receive_all(conn)
                     conn.settimeout(None)
                     conn.sendall(handle(request))
             except OSError as e:   # the exec went away or stalled: it runs the command itself, or gives up
@@ -72,15 +72,6 @@ def parse_request(request: bytes) -> tuple:
         if sep:
             environ[key.decode(errors="surrogateescape")] = value.decode(errors="surrogateescape")
     return environ, stdin
-
-
-def _receive(conn) -> bytes:
-    chunks = []
-    while True:
-        chunk = conn.recv(65536)
-        if not chunk:
-            return b"".join(chunks)
-        chunks.append(chunk)
 
 
 def _peer_allowed(conn) -> bool:

@@ -18,6 +18,20 @@ def unique_name(prefix: str) -> str:
     return f"np-{prefix}-{uuid.uuid4().hex[:6]}"[:15]
 
 
+def host_rule_leftovers() -> list[str]:
+    """Our nft tables and NP- iptables chains (nft and legacy) in this (the host's) namespace."""
+    import subprocess
+    found = []
+    if shutil.which("nft"):
+        tables = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True).stdout
+        found += [f"nft {line}" for line in tables.splitlines() if "netplane" in line]
+    for save in ("iptables-save", "ip6tables-save", "iptables-legacy-save", "ip6tables-legacy-save"):
+        if shutil.which(save):
+            out = subprocess.run([save], capture_output=True, text=True).stdout
+            found += [f"{save} {line.split()[0]}" for line in out.splitlines() if line.startswith(":NP-")]
+    return found
+
+
 def marked_leftovers() -> set[str]:
     """Everything on the machine that carries our marker: namespaces and links named np-*, the
     netplane nft tables and NP- iptables chains of the host namespace, the lab's directory."""
@@ -25,13 +39,7 @@ def marked_leftovers() -> set[str]:
     found = {f"netns {n}" for n in netns.list_named()}
     found |= {f"link {n}" for n in os.listdir("/sys/class/net") if n.startswith(netns.MARKER)}
     if os.geteuid() == 0:
-        if shutil.which("nft"):
-            tables = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True).stdout
-            found |= {f"nft {line}" for line in tables.splitlines() if "netplane" in line}
-        for save in ("iptables-save", "ip6tables-save", "iptables-legacy-save", "ip6tables-legacy-save"):
-            if shutil.which(save):
-                out = subprocess.run([save], capture_output=True, text=True).stdout
-                found |= {f"{save} {line.split()[0]}" for line in out.splitlines() if line.startswith(":NP-")}
+        found |= set(host_rule_leftovers())
     if os.path.exists("/var/lib/netplane/lab"):
         found.add("dir /var/lib/netplane/lab")
     return found

@@ -16,7 +16,7 @@ import pytest
 
 from netplane import lab, netns
 from netplane.demo import netplane
-from tests.conftest import needs_root
+from tests.conftest import host_rule_leftovers, needs_root
 
 pytestmark = [pytest.mark.e2e, needs_root]
 
@@ -28,12 +28,7 @@ def lab_processes() -> set[int]:
 
 
 def leftovers(pids: set[int] = frozenset()) -> list[str]:
-    found = lab.leftovers()
-    tables = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True).stdout
-    found += [f"nft {line}" for line in tables.splitlines() if "netplane" in line]
-    for save in ("iptables-save", "ip6tables-save"):
-        out = subprocess.run([save], capture_output=True, text=True).stdout
-        found += [f"{save}: {line}" for line in out.splitlines() if line.startswith(":NP-")]
+    found = lab.leftovers() + host_rule_leftovers()
     found += [f"process {pid}" for pid in sorted(pids) if lab._alive(pid)]
     return found
 
