@@ -169,7 +169,9 @@ def test_rules_follow_the_api_and_udp_answers_resume_after_endpoint_replaced(lab
     started = time.time()
     lab.apply(SERVICE + "---" + endpoint_slice(EP1))
     wait_until(lambda: topo.client("pod", "tcp", WEB, 80) == [f"ep1 {POD}"], what="ClusterIP -> ep1")
-    assert lab.http_get("http://127.0.0.1:10256/healthz")[0] == 200
+    # The rules answer a moment before the proxier records the sync it just applied.
+    wait_until(lambda: lab.http_get("http://127.0.0.1:10256/healthz")[0] == 200, timeout=2.0,
+               what="/healthz 200 after the first sync")
     # the Service ports programmed: web's two (TCP and UDP 80) and default/kubernetes
     ports = service_ports_in_api(lab)
     assert ports == 3
