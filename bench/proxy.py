@@ -6,8 +6,10 @@ Everything happens in scratch namespaces named np-bench-..., removed at the end 
 - full sync: `netplane proxy sync --once --objects FILE` (the whole command: reading the YAML,
   rendering, applying) in a fresh namespace, for N Services x M endpoints, per backend (nftables;
   iptables-legacy and iptables-nft when their restore commands exist);
-- one change at the largest N: the proxy's own loop (memoized model, partial render, apply) run
-  inside the namespace after a full sync, for an EndpointSlice change and a Service change;
+- one change at the largest N: the proxy daemon's own sync (Proxier.sync: the watch's change
+  trackers hand it the changed object, it converts and renders only that Service, applies the
+  delta, cleans conntrack when UDP changed, updates health checks) run inside the namespace
+  after a full sync, for an EndpointSlice change and a Service change;
 - TCP connection rate: client namespace -> node namespace (the rules) -> endpoint namespace, a
   small C server that accepts and closes, a C client that connects (the handshake through the
   DNAT) and resets, so no TIME_WAIT is left to collide with later connections, for --seconds
@@ -195,36 +197,70 @@ def full_sync(spaces: Namespaces, path: str, backend: str, limit: float) -> dict
 
 
 ONE_CHANGE = r"""
-import copy, gc, json, statistics, sys, time
+import asyncio, copy, json, statistics, sys, time
+from prometheus_client import REGISTRY
+from netplane.client import ChangeTracker
+from netplane.objects import key_of
 from netplane.proxy import cli
 from netplane.proxy.apply import backend_for
-from netplane.proxy.model import ModelBuilder, NodeFacts
+from netplane.proxy.model import NodeFacts
+from netplane.proxy.proxier import HealthCheckServers, Proxier
 path, backend_name, rounds = sys.argv[1], sys.argv[2], int(sys.argv[3])
-objs = cli.load_objects(path)
-services = [o for o in objs if o["kind"] == "Service"]
-slices = [o for o in objs if o["kind"] == "EndpointSlice"]
-builder = ModelBuilder(NodeFacts("bench-node", node_ips=("10.244.2.1",), cluster_cidrs=("10.244.0.0/16",)))
-backend = backend_for(backend_name)
-backend.sync(builder.build(services, slices))
-gc.freeze()  # as the daemon does after a sync: the cache's objects are long-lived
-timings = {"endpoints": [], "service": []}
-for r in range(rounds):
-    i = 1 + (r * 997) % (len(slices) - 1)
-    changed = copy.deepcopy(slices[i])  # a watch delivers a new object for a new version
-    changed["endpoints"][0]["addresses"] = [f"10.200.{r // 256}.{r % 256}"]
-    slices[i] = changed
-    start = time.perf_counter()
-    result = backend.sync(builder.build(services, slices))
-    timings["endpoints"].append(time.perf_counter() - start)
-    assert not result.full
-    svc = copy.deepcopy(services[i])
-    svc["spec"]["ports"][0]["port"] = 81 + r
-    services[i] = svc
-    start = time.perf_counter()
-    result = backend.sync(builder.build(services, slices))
-    timings["service"].append(time.perf_counter() - start)
-    assert not result.full
-print(json.dumps({k: [statistics.median(v), max(v)] for k, v in timings.items()}))
+
+
+class Cache:
+    # What the proxier's informers hold: the objects by kind, and change trackers that the
+    # watch records into as events arrive (netplane.client.Informer does the same).
+    def __init__(self, objs):
+        self.objects = {"Service": {}, "EndpointSlice": {}}
+        for o in objs:
+            self.objects[o["kind"]][key_of(o)] = o
+        self.trackers = {kind: [] for kind in self.objects}
+
+    def list(self, kind):
+        return list(self.objects[kind].values())
+
+    def tracker(self, kind):
+        tracker = ChangeTracker(self.objects[kind])
+        self.trackers[kind].append(tracker)
+        return tracker
+
+    def is_synced(self):
+        return True
+
+    def event(self, obj):  # a MODIFIED event: a new object for the new version
+        self.objects[obj["kind"]][key_of(obj)] = obj
+        for tracker in self.trackers[obj["kind"]]:
+            tracker.record(key_of(obj), obj)
+
+
+async def main():
+    cache = Cache(cli.load_objects(path))
+    node = NodeFacts("bench-node", node_ips=("10.244.2.1",), cluster_cidrs=("10.244.0.0/16",))
+    proxier = Proxier(cache, node, backend_for(backend_name), health_servers=HealthCheckServers(("127.0.0.1",)))
+    await proxier.sync()  # the first, full sync (it freezes the long-lived objects for the gc)
+    services, slices = cache.list("Service"), cache.list("EndpointSlice")
+    timings = {"endpoints": [], "service": []}
+    for r in range(rounds):
+        i = 1 + (r * 997) % (len(slices) - 1)
+        changed = copy.deepcopy(slices[i])
+        changed["endpoints"][0]["addresses"] = [f"10.200.{r // 256}.{r % 256}"]
+        cache.event(changed)
+        start = time.perf_counter()
+        await proxier.sync()
+        timings["endpoints"].append(time.perf_counter() - start)
+        svc = copy.deepcopy(services[i])
+        svc["spec"]["ports"][0]["port"] = 81 + r
+        cache.event(svc)
+        start = time.perf_counter()
+        await proxier.sync()
+        timings["service"].append(time.perf_counter() - start)
+    await proxier.health_servers.close()
+    full = REGISTRY.get_sample_value("netplane_proxy_sync_duration_seconds_count", {"kind": "full"})
+    assert full == 1, f"{full} full syncs: the changes were not applied as partial ones"
+    print(json.dumps({k: [statistics.median(v), max(v)] for k, v in timings.items()}))
+
+asyncio.run(main())
 """
 
 

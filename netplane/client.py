@@ -5,6 +5,8 @@
   410 Gone. Keeps a cache of current objects by (namespace, name).
 - WatchView / FileView: what a component reads objects from, live from the API server or from a file
   (offline mode). Both answer list(kind) / get(kind, ns, name) and call listeners on change.
+- ChangeTracker: the objects of one kind changed since a consumer last looked (kube-proxy's change
+  trackers), so a sync after one change costs O(changed), not O(all objects).
 - CoalescingRunner: events only mark work dirty; the runner calls the sync function at most once per
   interval, so a burst of changes costs one sync (level-triggered, as kube-proxy does).
 """
@@ -232,6 +234,44 @@ def _api_error(status: int, payload, text: str) -> APIError:
 # Watch cache
 
 Listener = Callable[[], None]
+Changes = dict[tuple[str, str], "dict | None"]  # (namespace, name) -> the object now, None if deleted
+
+
+class ChangeTracker:
+    """What changed in one kind since the last take(), for one consumer; the first take() has
+    every object there is. An informer records into it as events arrive."""
+
+    def __init__(self, current: dict[tuple[str, str], dict]):
+        self._changed: Changes = dict(current)
+
+    def record(self, key: tuple[str, str], obj: dict | None) -> None:
+        self._changed[key] = obj
+
+    def take(self) -> Changes:
+        changes, self._changed = self._changed, {}
+        return changes
+
+
+class ListingTracker:
+    """A ChangeTracker for a view that can only list: compares each listing with the last one
+    by identity (O(all objects), cheap; for files and tests)."""
+
+    def __init__(self, view, kind: str):
+        self._view, self._kind = view, kind
+        self._seen: dict[tuple[str, str], dict] = {}
+
+    def take(self) -> Changes:
+        current = {key_of(o): o for o in self._view.list(self._kind)}
+        changes: Changes = {k: o for k, o in current.items() if self._seen.get(k) is not o}
+        changes.update((k, None) for k in self._seen if k not in current)
+        self._seen = current
+        return changes
+
+
+def tracker_for(view, kind: str):
+    """The view's own change tracker for `kind`, or one that compares listings."""
+    make = getattr(view, "tracker", None)
+    return make(kind) if make is not None else ListingTracker(view, kind)
 
 
 class Informer:
@@ -250,10 +290,20 @@ class Informer:
         self.synced = asyncio.Event()
         self.resource_version = ""
         self._listeners: list[Listener] = []
+        self._trackers: list[ChangeTracker] = []
         self._task: asyncio.Task | None = None
 
     def add_listener(self, listener: Listener) -> None:
         self._listeners.append(listener)
+
+    def tracker(self) -> ChangeTracker:
+        tracker = ChangeTracker(self.cache)
+        self._trackers.append(tracker)
+        return tracker
+
+    def _record(self, key: tuple[str, str], obj: dict | None) -> None:
+        for tracker in self._trackers:
+            tracker.record(key, obj)
 
     def start(self) -> None:
         if self._task is None:
@@ -282,6 +332,10 @@ class Informer:
             item.setdefault("kind", self.kind.kind)
             item.setdefault("apiVersion", self.kind.api_version)
             fresh[key_of(item)] = item
+        for key in self.cache.keys() - fresh.keys():
+            self._record(key, None)
+        for key, item in fresh.items():
+            self._record(key, item)
         self.cache = fresh
         self.resource_version = listing.get("metadata", {}).get("resourceVersion", "")
         self.synced.set()
@@ -293,12 +347,15 @@ class Informer:
             self.resource_version = rv
         if event_type == "BOOKMARK":
             return
+        key = key_of(obj)
         if event_type == "DELETED":
-            self.cache.pop(key_of(obj), None)
+            self.cache.pop(key, None)
+            self._record(key, None)
         else:
             obj.setdefault("kind", self.kind.kind)
             obj.setdefault("apiVersion", self.kind.api_version)
-            self.cache[key_of(obj)] = obj
+            self.cache[key] = obj
+            self._record(key, obj)
         self._notify()
 
     async def _run(self) -> None:
@@ -338,6 +395,10 @@ class View:
 
     def add_listener(self, listener: Listener) -> None:
         raise NotImplementedError
+
+    def tracker(self, kind: str):
+        """A change tracker for `kind` (see ChangeTracker)."""
+        return ListingTracker(self, kind)
 
     async def start(self) -> None:
         pass
@@ -394,6 +455,9 @@ class WatchView(View):
     def add_listener(self, listener: Listener) -> None:
         for informer in self.informers.values():
             informer.add_listener(listener)
+
+    def tracker(self, kind: str) -> ChangeTracker:
+        return self.informers[kind].tracker()
 
     async def start(self) -> None:
         for informer in self.informers.values():

@@ -44,6 +44,54 @@ def run_with_input(argv: list[str], text: str, namespace: str | None = None) -> 
         raise ApplyError(f"{' '.join(argv)} failed (exit {err.returncode}): {output}") from None
 
 
+class NftLibrary:
+    """nft's own library (libnftables: the parser and batch code of the `nft` command) in this
+    process, for the small transactions of partial syncs. Each run() is one atomic transaction,
+    exactly as `nft -f`, with two costs fewer: no nft process (3-4 ms), and the netlink socket
+    stays open (an nft process closing its socket after a transaction that deleted anything
+    waits for the kernel to free it, an RCU grace period: 15-20 ms here). Full syncs still run
+    `nft -f`: its memory for a 12 MB transaction is its own, and returned when it exits."""
+
+    def __init__(self, namespace: str | None = None):
+        import ctypes
+
+        self.namespace = namespace
+        self.lib = lib = ctypes.CDLL("libnftables.so.1")
+        lib.nft_ctx_new.restype = ctypes.c_void_p
+        lib.nft_ctx_new.argtypes = [ctypes.c_uint32]
+        lib.nft_ctx_free.argtypes = [ctypes.c_void_p]
+        lib.nft_ctx_buffer_error.argtypes = [ctypes.c_void_p]
+        lib.nft_ctx_get_error_buffer.argtypes = [ctypes.c_void_p]
+        lib.nft_ctx_get_error_buffer.restype = ctypes.c_char_p
+        lib.nft_run_cmd_from_buffer.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+        self.ctx = None
+
+    def run(self, text: str) -> None:
+        with netns.inside(self.namespace):  # the socket is made, and stays, in the namespace
+            if self.ctx is None:
+                self.ctx = self.lib.nft_ctx_new(0)
+                self.lib.nft_ctx_buffer_error(self.ctx)
+            failed = self.lib.nft_run_cmd_from_buffer(self.ctx, text.encode())
+        if failed:
+            output = (self.lib.nft_ctx_get_error_buffer(self.ctx) or b"").decode(errors="replace").strip()
+            if len(output) > ERROR_CHARS:
+                output = output[:ERROR_CHARS] + f"... ({len(output)} chars)"
+            raise ApplyError(f"nft (libnftables) failed: {output}")
+
+    def close(self) -> None:
+        if self.ctx is not None:
+            self.lib.nft_ctx_free(self.ctx)
+            self.ctx = None
+
+
+def nft_library(namespace: str | None) -> NftLibrary | None:
+    """The in-process nft, or None where libnftables is missing (then `nft -f` does it all)."""
+    try:
+        return NftLibrary(namespace)
+    except OSError:
+        return None
+
+
 class NftBackend:
     name = "nftables"
 
@@ -51,6 +99,7 @@ class NftBackend:
         self.namespace = namespace
         self.applied: list[nft.Table] | None = None
         self.builder = nft.TableBuilder()  # re-uses the rules of Service ports that did not change
+        self.library = nft_library(namespace)
 
     def plan(self, model: Model, force_full: bool = False) -> tuple[str, list[nft.Table], bool]:
         """(transaction text, the tables it produces, whether it is a full sync). Pure but for
@@ -66,10 +115,16 @@ class NftBackend:
         text, tables, full = self.plan(model, force_full)
         if text.strip():
             try:
-                run_with_input(["nft", "-f", "-"], text, self.namespace)
+                if full or self.library is None:
+                    run_with_input(["nft", "-f", "-"], text, self.namespace)
+                else:
+                    self.library.run(text)
             except BaseException:  # ApplyError, or anything else mid-way (nft missing, interrupted)
                 self.applied = None  # we no longer know exactly what is in the kernel
                 raise
+        if full:
+            for table in tables:  # counted now, not in the first partial sync after
+                table.element_refs(), table.shared_refs()
         self.applied = tables
         return SyncResult(full, len(model.ports), sum(t.chain_count() for t in tables),
                           sum(t.rule_count() for t in tables), len(text))

@@ -86,6 +86,14 @@ def delete_flow(flow: Flow, namespace: str | None = None) -> bool:
     return proc.returncode == 0
 
 
+def udp_changed(model: Model) -> bool:
+    """Whether a UDP Service port changed since the model before (or that is unknown): only
+    then can a flow have gone stale. A full sync (first, or after a failure) always cleans."""
+    if model.changes is None:
+        return True
+    return any(p.protocol == "udp" for before, after in model.changes.values() for p in (*before, *after))
+
+
 def clean_stale_udp(model: Model, namespace: str | None = None) -> int:
     """Delete stale UDP flows for `model`'s Services; returns how many were deleted."""
     if not any(p.protocol == "udp" for p in model.ports):

@@ -17,6 +17,7 @@ import time
 from prometheus_client import Counter, Gauge, Histogram
 
 from netplane import daemon
+from netplane.client import tracker_for
 from netplane.proxy import conntrack
 from netplane.proxy.model import HealthCheck, Model, ModelBuilder, NodeFacts, health_checks
 
@@ -41,7 +42,10 @@ class Proxier:
                  clock=time.monotonic, health_servers: "HealthCheckServers | None" = None):
         self.view = view
         self.node = node
-        self.builder = ModelBuilder(node)  # converts only the objects that changed
+        # Only what changed since the last sync is handed to the builder, which converts only
+        # that (kube-proxy's change trackers): a sync costs O(changed), not O(all objects).
+        self.trackers = {kind: tracker_for(view, kind) for kind in ("Service", "EndpointSlice")}
+        self.builder = ModelBuilder(node)
         self.health_servers = health_servers
         self.backend = backend
         self.clean_conntrack = clean_conntrack
@@ -56,7 +60,8 @@ class Proxier:
             self.pending_since = self.clock()
 
     def model(self) -> Model:
-        return self.builder.build(self.view.list("Service"), self.view.list("EndpointSlice"))
+        """The whole model now, taking the changes recorded since the last call."""
+        return self.builder.update(self.trackers["Service"].take(), self.trackers["EndpointSlice"].take())
 
     def _report(self, model: Model) -> None:
         errors = set(model.errors)
@@ -108,7 +113,7 @@ class Proxier:
             gc.freeze()
         if self.health_servers is not None:
             await self.health_servers.update(health_checks(model))
-        if self.clean_conntrack:
+        if self.clean_conntrack and (result.full or conntrack.udp_changed(model)):
             deleted = await asyncio.to_thread(conntrack.clean_stale_udp, model, self.backend.namespace)
             if deleted:
                 CONNTRACK_DELETED.inc(deleted)

@@ -103,3 +103,31 @@ def test_partial_sync_equals_a_fresh_full_sync(make_netns) -> None:
     assert got["sets"] == want["sets"]
     # and the change did something: the deleted Service's chains are gone
     assert not any("default/gone/" in name for name in got["chains"])
+
+
+def test_a_run_of_partial_syncs_through_the_change_trackers_equals_fresh_full_syncs(make_netns) -> None:
+    """The daemon's path: changes recorded by trackers, ModelBuilder.update, the in-process nft
+    library for each partial transaction; after every step the kernel holds what a fresh full
+    sync of the same objects gives."""
+    import random
+
+    from tests.unit.test_proxy_changes import Objects, random_service, random_slice, random_step
+
+    rng = random.Random(7)
+    objects = Objects()
+    for i in range(10):
+        objects.put(random_service(rng, i))
+        objects.put(random_slice(rng, i, 1))
+    incremental = make_netns("pxrun")
+    backend, builder = NftBackend(incremental), ModelBuilder(NODE)
+    assert backend.library is not None, "libnftables.so.1 (Debian libnftables1) is missing"
+    assert backend.sync(builder.update(*objects.take())).full
+    partial = 0
+    for step in range(12):
+        random_step(rng, objects, 10)
+        partial += not backend.sync(builder.update(*objects.take())).full
+        fresh = make_netns(f"pxref{step}")
+        NftBackend(fresh).sync(ModelBuilder(NODE).build(*objects.lists()))
+        assert table_contents(incremental) == table_contents(fresh), f"after step {step}"
+        netns.delete(fresh)
+    assert partial >= 6  # most steps were partial syncs
