@@ -8,6 +8,7 @@ atomic) and makes the next sync a full one.
 from __future__ import annotations
 
 import subprocess
+import weakref
 from dataclasses import dataclass
 
 from netplane import netns
@@ -38,10 +39,12 @@ def run_with_input(argv: list[str], text: str, namespace: str | None = None) -> 
         # killed mid-way: whether its transaction committed is unknown (the caller resyncs fully)
         raise ApplyError(f"{' '.join(argv)} timed out after {APPLY_TIMEOUT}s") from None
     except netns.CommandError as err:
-        output = (err.stderr or err.stdout).strip()
-        if len(output) > ERROR_CHARS:
-            output = output[:ERROR_CHARS] + f"... ({len(output)} chars)"
+        output = _shortened((err.stderr or err.stdout).strip())
         raise ApplyError(f"{' '.join(argv)} failed (exit {err.returncode}): {output}") from None
+
+
+def _shortened(output: str) -> str:
+    return output if len(output) <= ERROR_CHARS else output[:ERROR_CHARS] + f"... ({len(output)} chars)"
 
 
 class NftLibrary:
@@ -71,17 +74,11 @@ class NftLibrary:
             if self.ctx is None:
                 self.ctx = self.lib.nft_ctx_new(0)
                 self.lib.nft_ctx_buffer_error(self.ctx)
+                weakref.finalize(self, self.lib.nft_ctx_free, self.ctx)  # its socket and cache
             failed = self.lib.nft_run_cmd_from_buffer(self.ctx, text.encode())
         if failed:
             output = (self.lib.nft_ctx_get_error_buffer(self.ctx) or b"").decode(errors="replace").strip()
-            if len(output) > ERROR_CHARS:
-                output = output[:ERROR_CHARS] + f"... ({len(output)} chars)"
-            raise ApplyError(f"nft (libnftables) failed: {output}")
-
-    def close(self) -> None:
-        if self.ctx is not None:
-            self.lib.nft_ctx_free(self.ctx)
-            self.ctx = None
+            raise ApplyError(f"nft (libnftables) failed: {_shortened(output)}")
 
 
 def nft_library(namespace: str | None) -> NftLibrary | None:

@@ -668,6 +668,7 @@ def delta_transaction(old: Table, new: Table) -> str | None:
     old_elements, old_shared = old.element_refs(), old.shared_refs()
     if not changed:
         new._element_refs, new._shared_refs = old_elements, old_shared
+        old._element_refs = old._shared_refs = None
         return ""
     element_steps: dict[ElementKey, int] = {}
     shared_steps: dict[str, int] = {}

@@ -292,7 +292,7 @@ def test_failed_apply_keeps_the_old_rules_and_the_retry_is_a_full_sync(make_netn
     kept = table_contents(node)
 
     view.objs = web + api  # "gone" deleted, "api" added: a partial sync
-    with pytest.raises(ApplyError):
+    with pytest.raises(ApplyError, match="libnftables.*(busy|Device or resource)"):
         asyncio.run(proxier.sync())
     assert table_contents(node) == kept  # nothing half-applied: not even "api"'s elements
     assert proxier.pending_since is not None  # the change still waits, to be retried
