@@ -138,6 +138,7 @@ class IptablesBackend:
         self.namespace = namespace
         self.command = command  # "iptables", "iptables-legacy" or "iptables-nft"
         self.applied: dict[int, iptables.Ruleset] | None = None
+        self.builder = iptables.RulesetBuilder()  # re-uses the rules of Service ports that did not change
 
     def _restore(self, family: int) -> str:
         base = self.command.replace("iptables", "ip6tables") if family == 6 else self.command
@@ -150,7 +151,7 @@ class IptablesBackend:
     def plan(self, model: Model, force_full: bool = False, saved: dict[int, str] | None = None):
         """({family: restore text}, {family: Ruleset}, full?). Pure; `saved` is iptables-save
         output per family, used by a full sync to delete our chains left from before."""
-        rulesets = {f: iptables.render_ruleset(model, f) for f in model.node.families}
+        rulesets = {f: self.builder.render(model, f) for f in model.node.families}
         full = force_full or self.applied is None or set(self.applied) != set(rulesets)
         if full:
             texts = {f: iptables.restore_text(rs, (saved or {}).get(f, "")) for f, rs in rulesets.items()}

@@ -245,3 +245,31 @@ def test_listing_tracker_compares_listings_by_identity():
     b2 = copy.deepcopy(b)
     view.objs = [b2]
     assert tracker.take() == {("default", "a"): None, ("default", "b"): b2}
+
+
+@pytest.mark.parametrize("node,seed", [(NODE, 5), (DUAL, 6)])
+def test_iptables_rulesets_from_the_builder_equal_rendering_from_scratch(node, seed):
+    from netplane.proxy import iptables
+
+    rng = random.Random(seed)
+    objects = Objects()
+    for i in range(12):
+        objects.put(random_service(rng, i))
+        objects.put(random_slice(rng, i, 1))
+    builder, rulesets = ModelBuilder(node), iptables.RulesetBuilder()
+    model = builder.update(*objects.take())
+    previous = {f: rulesets.render(model, f) for f in node.families}
+    reused = 0
+    for _ in range(40):
+        random_step(rng, objects, 12)
+        model = builder.update(*objects.take())
+        for family in node.families:
+            got, want = rulesets.render(model, family), iptables.render_ruleset(model, family)
+            assert got.tables == want.tables
+            assert iptables.restore_text(got) == iptables.restore_text(want)
+            assert iptables.delta_restore_text(previous[family], got) == \
+                iptables.delta_restore_text(previous[family], want)
+            reused += sum(rules is previous[family].tables["nat"].get(chain)
+                          for chain, rules in got.tables["nat"].items() if iptables.is_service_chain(chain))
+            previous[family] = got
+    assert reused > 100  # unchanged Services kept their very rule lists
