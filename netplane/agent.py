@@ -621,10 +621,19 @@ def create_sandbox(config: AgentConfig, cni_config: dict, pod: PodRef, pod_dir: 
                   "podIP": pod_ip, "cniConfig": cni_config, "cniResult": result}
         (pod_dir / SANDBOX_FILE).write_text(json.dumps(record, indent=2) + "\n")
     podnet.write_etc_files(pod.netns, {
-        "resolv.conf": podnet.resolv_conf(pod.namespace, config.cluster_dns, config.cluster_domain),
+        "resolv.conf": podnet.resolv_conf(pod.namespace, config.cluster_dns, config.cluster_domain,
+                                          pod.dns, _node_resolv_conf() if pod.dns.policy == "Default" else ""),
         "hosts": podnet.hosts_file(pod, pod_ip, config.cluster_domain),
     })
     return pod_ip
+
+
+def _node_resolv_conf() -> str:
+    """The node's own resolver configuration (for dnsPolicy Default)."""
+    try:
+        return Path("/etc/resolv.conf").read_text()
+    except OSError:
+        return ""
 
 
 def undo_failed_add(config: AgentConfig, cni_config: dict, pod: PodRef) -> None:

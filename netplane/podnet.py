@@ -41,6 +41,23 @@ def netns_name(uid: str) -> str:
 
 
 @dataclass(frozen=True)
+class DnsSettings:
+    """A pod's spec.dnsPolicy and spec.dnsConfig (already validated by the API server)."""
+    policy: str = "ClusterFirst"
+    nameservers: tuple[str, ...] = ()
+    searches: tuple[str, ...] = ()
+    options: tuple[tuple[str, str | None], ...] = ()  # (name, value or None)
+
+    @classmethod
+    def from_spec(cls, spec: dict) -> "DnsSettings":
+        config = spec.get("dnsConfig") or {}
+        options = tuple((o["name"], None if o.get("value") is None else str(o["value"]))
+                        for o in config.get("options") or [] if isinstance(o, dict) and o.get("name"))
+        return cls(spec.get("dnsPolicy") or "ClusterFirst", tuple(config.get("nameservers") or ()),
+                   tuple(config.get("searches") or ()), options)
+
+
+@dataclass(frozen=True)
 class PodRef:
     """The few facts about a pod that its sandbox needs."""
     namespace: str
@@ -48,6 +65,7 @@ class PodRef:
     uid: str
     hostname: str
     subdomain: str = ""
+    dns: DnsSettings = DnsSettings()
 
     @classmethod
     def from_pod(cls, pod: dict) -> "PodRef":
@@ -57,7 +75,7 @@ class PodRef:
         uid = meta.get("uid") or hashlib.sha256(f"{namespace}/{name}".encode()).hexdigest()[:32]
         # k8s: spec.hostname, else the pod name, cut to a DNS label (63).
         hostname = (spec.get("hostname") or name)[:63].rstrip("-.") or "pod"
-        return cls(namespace, name, uid, hostname, spec.get("subdomain") or "")
+        return cls(namespace, name, uid, hostname, spec.get("subdomain") or "", DnsSettings.from_spec(spec))
 
     @property
     def netns(self) -> str:
@@ -68,10 +86,56 @@ class PodRef:
         return f"{self.namespace}_{self.name}_{self.uid}"
 
 
-def resolv_conf(pod_namespace: str, cluster_dns: str, cluster_domain: str) -> str:
-    """ClusterFirst DNS policy, as the kubelet writes it."""
-    search = f"{pod_namespace}.svc.{cluster_domain} svc.{cluster_domain} {cluster_domain}"
-    return f"search {search}\nnameserver {cluster_dns}\noptions ndots:5\n"
+MAX_NAMESERVERS = 3  # what the resolver reads (resolv.conf(5)); the kubelet keeps the first 3 too
+MAX_SEARCHES = 32
+
+
+def resolv_conf(pod_namespace: str, cluster_dns: str, cluster_domain: str,
+                dns: DnsSettings = DnsSettings(), node_resolv_conf: str = "") -> str:
+    """The pod's /etc/resolv.conf, as the kubelet writes it (pkg/kubelet/network/dns):
+    ClusterFirst (and ClusterFirstWithHostNet: no host network here): the cluster DNS and search
+    path, ndots:5; Default: the node's own resolv.conf; None: dnsConfig alone. dnsConfig is then
+    merged in: its nameservers and searches appended (duplicates dropped), its options replacing
+    options of the same name."""
+    if dns.policy == "Default":
+        nameservers, searches, options = parse_resolv_conf(node_resolv_conf)
+    elif dns.policy == "None":
+        nameservers, searches, options = [], [], []
+    else:
+        nameservers = [cluster_dns]
+        searches = [f"{pod_namespace}.svc.{cluster_domain}", f"svc.{cluster_domain}", cluster_domain]
+        options = [("ndots", "5")]
+    nameservers = _unique([*nameservers, *dns.nameservers])[:MAX_NAMESERVERS]
+    searches = _unique([*searches, *dns.searches])[:MAX_SEARCHES]
+    merged = dict(options)
+    merged.update(dns.options)
+    lines = []
+    if searches:
+        lines.append("search " + " ".join(searches))
+    lines += [f"nameserver {ip}" for ip in nameservers]
+    if merged:
+        lines.append("options " + " ".join(n if v is None else f"{n}:{v}" for n, v in merged.items()))
+    return "\n".join(lines) + "\n"
+
+
+def parse_resolv_conf(text: str) -> tuple[list[str], list[str], list[tuple[str, str | None]]]:
+    """(nameservers, search domains, options) of a resolv.conf; the last search/domain line wins."""
+    nameservers, searches, options = [], [], []
+    for line in text.splitlines():
+        fields = line.split("#", 1)[0].split(";", 1)[0].split()
+        if len(fields) < 2:
+            continue
+        if fields[0] == "nameserver":
+            nameservers.append(fields[1])
+        elif fields[0] in ("search", "domain"):
+            searches = fields[1:]
+        elif fields[0] == "options":
+            options += [(o.split(":", 1)[0], o.split(":", 1)[1] if ":" in o else None) for o in fields[1:]]
+    return nameservers, searches, options
+
+
+def _unique(values: list[str]) -> list[str]:
+    return list(dict.fromkeys(values))
 
 
 def hosts_file(pod: PodRef, pod_ip: str, cluster_domain: str) -> str:

@@ -32,6 +32,7 @@ PROTOCOLS = ("TCP", "UDP", "SCTP")
 SERVICE_TYPES = ("ClusterIP", "NodePort", "LoadBalancer", "ExternalName")
 PATH_TYPES = ("Exact", "Prefix", "ImplementationSpecific")
 RESTART_POLICIES = ("Always", "OnFailure", "Never")
+DNS_POLICIES = ("ClusterFirst", "ClusterFirstWithHostNet", "Default", "None")
 ADDRESS_TYPES = ("IPv4", "IPv6", "FQDN")
 
 
@@ -358,6 +359,40 @@ def _validate_pod_spec(spec: dict, path: str, errors: list) -> None:
     policy = spec.get("restartPolicy", "Always")
     if policy not in RESTART_POLICIES:
         errors.append((f"{path}.restartPolicy", unsupported(policy, RESTART_POLICIES)))
+    _validate_dns(spec, path, errors)
+
+
+def _validate_dns(spec: dict, path: str, errors: list) -> None:
+    """spec.dnsPolicy and spec.dnsConfig, as Kubernetes checks them (validateDNSPolicy/Config)."""
+    policy = spec.get("dnsPolicy", "ClusterFirst")
+    if policy not in DNS_POLICIES:
+        errors.append((f"{path}.dnsPolicy", unsupported(policy, DNS_POLICIES)))
+    config = spec.get("dnsConfig")
+    if config is None:
+        if policy == "None":
+            errors.append((f"{path}.dnsConfig", "Required value: must provide `dnsConfig` when `dnsPolicy` is None"))
+        return
+    if not isinstance(config, dict):
+        errors.append((f"{path}.dnsConfig", invalid(config, "must be an object")))
+        return
+    nameservers = _list(config.get("nameservers"), f"{path}.dnsConfig.nameservers", errors, need=False, of_objects=False)
+    if policy == "None" and not nameservers:
+        errors.append((f"{path}.dnsConfig.nameservers", "Required value: must provide at least one DNS nameserver "
+                                                         "when `dnsPolicy` is None"))
+    if len(nameservers) > 3:
+        errors.append((f"{path}.dnsConfig.nameservers", invalid(nameservers, "must not have more than 3 nameservers")))
+    for index, ip in enumerate(nameservers):
+        if not _is_ip(ip):
+            errors.append((f"{path}.dnsConfig.nameservers[{index}]", invalid(ip, "must be a valid IP address")))
+    searches = _list(config.get("searches"), f"{path}.dnsConfig.searches", errors, need=False, of_objects=False)
+    if len(searches) > 32:
+        errors.append((f"{path}.dnsConfig.searches", invalid(len(searches), "must not have more than 32 search paths")))
+    for index, domain in enumerate(searches):
+        if not isinstance(domain, str) or not _matches(DNS1123_SUBDOMAIN, domain.rstrip("."), 253):
+            errors.append((f"{path}.dnsConfig.searches[{index}]", invalid(domain, "must be a DNS subdomain")))
+    for index, option in enumerate(_list(config.get("options"), f"{path}.dnsConfig.options", errors, need=False)):
+        if isinstance(option, dict) and not option.get("name"):
+            errors.append((f"{path}.dnsConfig.options[{index}].name", "Required value: must not be empty"))
 
 
 def _validate_container(container: dict, path: str, names: set, errors: list) -> None:

@@ -219,6 +219,10 @@ def test_agent_reports_image_errors_crashes_and_restarts(cluster):
     c.create_pod("once", [{"name": "job", "image": "busybox", "command": ["sh", "-c", "echo hi from $(POD_NAME); exit 3"]}],
                  restartPolicy="Never")
     c.create_pod("crasher", [{"name": "crash", "image": "busybox", "command": ["sh", "-c", "exit 1"]}])
+    c.create_pod("dnsnone", [{"name": "job", "image": "busybox", "command": ["cat", "/etc/resolv.conf"]}],
+                 restartPolicy="Never", dnsPolicy="None",
+                 dnsConfig={"nameservers": ["10.96.0.10"], "searches": ["corp.example"],
+                            "options": [{"name": "ndots", "value": "2"}]})
     c.create_pod("http", [{"name": "echo", "image": "netplane/echo", "args": ["--port", "9000"],
                            "readinessProbe": {"httpGet": {"path": "/healthz", "port": 9000}, "periodSeconds": 1}}])
     c.create_pod("unhealthy", [{"name": "app", "image": "busybox", "command": ["sleep", "3600"],
@@ -240,6 +244,10 @@ def test_agent_reports_image_errors_crashes_and_restarts(cluster):
     assert once["status"]["containerStatuses"][0]["state"]["terminated"]["exitCode"] == 3
     log = c.state / "pods" / f"default_once_{once['metadata']['uid']}" / "job.log"
     assert log.read_text() == "hi from once\n"
+    dnsnone = wait_for(lambda: (p := c.pod("dnsnone"))["status"].get("phase") == "Succeeded" and p,
+                       what="dnsnone to finish")
+    log = c.state / "pods" / f"default_dnsnone_{dnsnone['metadata']['uid']}" / "job.log"
+    assert log.read_text() == "search corp.example\nnameserver 10.96.0.10\noptions ndots:2\n"  # dnsConfig alone
 
     def backing_off(pod):
         (status,) = pod["status"].get("containerStatuses") or [{}]

@@ -33,6 +33,42 @@ def test_resolv_conf_is_cluster_first():
         "options ndots:5\n")
 
 
+NODE_RESOLV = "# written by the host\nnameserver 192.168.56.1\nnameserver 192.168.56.2\nsearch lab.example\noptions edns0 timeout:2\n"
+
+
+def dns_of(spec: dict) -> podnet.DnsSettings:
+    return podnet.PodRef.from_pod({"metadata": {"name": "p", "uid": "u"}, "spec": spec}).dns
+
+
+def test_resolv_conf_cluster_first_merges_dns_config():
+    dns = dns_of({"dnsConfig": {"nameservers": ["10.96.0.10", "1.1.1.1"], "searches": ["corp.example"],
+                                "options": [{"name": "ndots", "value": "2"}, {"name": "single-request"}]}})
+    assert podnet.resolv_conf("shop", "10.96.0.10", "cluster.local", dns) == (
+        "search shop.svc.cluster.local svc.cluster.local cluster.local corp.example\n"
+        "nameserver 10.96.0.10\nnameserver 1.1.1.1\n"  # the duplicate cluster DNS dropped
+        "options ndots:2 single-request\n")  # dnsConfig's ndots replaces the default 5
+
+
+def test_resolv_conf_default_is_the_nodes_and_none_is_dns_config_alone():
+    default = dns_of({"dnsPolicy": "Default", "dnsConfig": {"options": [{"name": "timeout", "value": 5}]}})
+    assert podnet.resolv_conf("shop", "10.96.0.10", "cluster.local", default, NODE_RESOLV) == (
+        "search lab.example\nnameserver 192.168.56.1\nnameserver 192.168.56.2\noptions edns0 timeout:5\n")
+    none = dns_of({"dnsPolicy": "None", "dnsConfig": {"nameservers": ["9.9.9.9"]}})
+    assert podnet.resolv_conf("shop", "10.96.0.10", "cluster.local", none, NODE_RESOLV) == "nameserver 9.9.9.9\n"
+
+
+def test_resolv_conf_keeps_three_nameservers_as_the_resolver_reads():
+    dns = dns_of({"dnsPolicy": "Default", "dnsConfig": {"nameservers": ["10.0.0.1", "10.0.0.2"]}})
+    text = podnet.resolv_conf("shop", "10.96.0.10", "cluster.local", dns, NODE_RESOLV)
+    assert [line.split()[1] for line in text.splitlines() if line.startswith("nameserver")] == [
+        "192.168.56.1", "192.168.56.2", "10.0.0.1"]
+
+
+def test_parse_resolv_conf_ignores_comments_and_the_last_search_wins():
+    text = "; comment\ndomain a.example\nnameserver 10.0.0.1 # trailing\nsearch b.example c.example\noptions ndots:3\n"
+    assert podnet.parse_resolv_conf(text) == (["10.0.0.1"], ["b.example", "c.example"], [("ndots", "3")])
+
+
 def test_hosts_file_names_the_pod_on_its_ip():
     text = podnet.hosts_file(podnet.PodRef.from_pod(POD), "10.244.1.7", "cluster.local")
     assert "127.0.0.1\tlocalhost\n" in text and text.endswith("10.244.1.7\techo-7d4f\n")

@@ -183,3 +183,28 @@ def test_immutable_fields_on_update():
                                                                       labels={"app": "x"})))[0][0] == "spec.selector"
     pod = {"kind": "Pod", "spec": {"nodeName": "worker-1"}}
     assert validate_update(pod, {"kind": "Pod", "spec": {"nodeName": "worker-2"}})[0][0] == "spec.nodeName"
+
+
+def pod(**spec):
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"},
+            "spec": {"containers": [{"name": "c", "image": "netplane/echo"}], **spec}}
+
+
+@pytest.mark.parametrize("spec,field", [
+    ({"dnsPolicy": "Cluster"}, "spec.dnsPolicy"),
+    ({"dnsPolicy": "None"}, "spec.dnsConfig"),
+    ({"dnsPolicy": "None", "dnsConfig": {"searches": ["a.example"]}}, "spec.dnsConfig.nameservers"),
+    ({"dnsConfig": {"nameservers": ["10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.4"]}}, "spec.dnsConfig.nameservers"),
+    ({"dnsConfig": {"nameservers": ["not-an-ip"]}}, "spec.dnsConfig.nameservers[0]"),
+    ({"dnsConfig": {"searches": ["Bad_Domain"]}}, "spec.dnsConfig.searches[0]"),
+    ({"dnsConfig": {"options": [{"value": "2"}]}}, "spec.dnsConfig.options[0].name"),
+    ({"dnsConfig": "8.8.8.8"}, "spec.dnsConfig"),
+])
+def test_dns_policy_and_config_are_checked_as_kubernetes_does(spec, field):
+    assert fields(pod(**spec)) == [field]
+
+
+def test_good_dns_settings_are_valid():
+    assert fields(pod(dnsPolicy="None", dnsConfig={"nameservers": ["10.96.0.10"], "searches": ["svc.cluster.local."],
+                                                   "options": [{"name": "ndots", "value": "2"}]})) == []
+    assert fields(pod(dnsPolicy="Default")) == [] and fields(pod(dnsPolicy="ClusterFirstWithHostNet")) == []
