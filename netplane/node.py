@@ -17,6 +17,7 @@ pids in --state-dir/pids) or `systemd` (a unit per daemon, enabled, restarted on
 from __future__ import annotations
 
 import argparse
+import copy
 import ipaddress
 import os
 import shlex
@@ -63,6 +64,7 @@ class JoinConfig:
     netns: str | None = None
     supervisor: str = "process"
     system_manifest: str = str(Path(__file__).with_name("manifests") / "system.yaml")  # control plane applies it
+    dns_upstream: str = ""  # where kube-dns forwards names outside the cluster ('' : it refuses them)
     python: str = field(default_factory=lambda: sys.executable)
 
     @property
@@ -268,7 +270,26 @@ def apply_system_manifest(config: JoinConfig) -> None:
     import asyncio
 
     from netplane.objects import load_file
-    asyncio.run(apply_objects(config.api_server, load_file(config.system_manifest)))
+    objects = with_dns_upstream(load_file(config.system_manifest), config.dns_upstream)
+    asyncio.run(apply_objects(config.api_server, objects))
+
+
+def with_dns_upstream(objects: list[dict], upstream: str) -> list[dict]:
+    """The system objects with kube-dns forwarding outside names to `upstream` (ADDR[:PORT] or a
+    resolv.conf path), set up as CoreDNS is (`forward . /etc/resolv.conf`): the DNS pod takes
+    dnsPolicy Default, so /etc/resolv.conf in it is the node's, not the cluster's own."""
+    if not upstream:
+        return objects
+    out = copy.deepcopy(objects)
+    for obj in out:
+        template = (obj.get("spec") or {}).get("template") or {}
+        if obj.get("kind") == "Deployment" and ((template.get("metadata") or {}).get("labels") or {}).get(
+                "k8s-app") == "kube-dns":
+            spec = template["spec"]
+            spec["dnsPolicy"] = "Default"
+            for container in spec["containers"]:
+                container["args"] = [*container.get("args", []), "--upstream", upstream]
+    return out
 
 
 def install_cni(directory: str) -> str:
@@ -370,6 +391,8 @@ def parse_join(argv: list[str]) -> tuple[JoinConfig, bool]:
     p.add_argument("--supervisor", choices=("process", "systemd"), default="process")
     p.add_argument("--system-manifest", default=JoinConfig.system_manifest,
                    help="objects the control plane creates once its API server answers ('' for none)")
+    p.add_argument("--dns-upstream", default="", metavar="ADDR[:PORT]|FILE",
+                   help="kube-dns forwards outside names here, e.g. /etc/resolv.conf (default: it refuses them)")
     p.add_argument("--dry-run", action="store_true", help="print the daemons and their command lines; start nothing")
     args = p.parse_args(argv)
     config = JoinConfig(
@@ -378,7 +401,8 @@ def parse_join(argv: list[str]) -> tuple[JoinConfig, bool]:
         etcd_data_dir=os.path.abspath(args.etcd_data_dir) if args.etcd_data_dir else "",
         lb_pool=tuple(args.lb_pool), cluster_cidr=args.cluster_cidr, service_cidr=args.service_cidr,
         state_dir=os.path.abspath(args.state_dir), cni_bin_dir=args.cni_bin_dir, log_dir=args.log_dir,
-        netns=args.netns, supervisor=args.supervisor, system_manifest=args.system_manifest)
+        netns=args.netns, supervisor=args.supervisor, system_manifest=args.system_manifest,
+        dns_upstream=args.dns_upstream)
     try:
         validate(config)
     except ValueError as err:

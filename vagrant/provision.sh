@@ -27,6 +27,8 @@ ROLE=$1 NAME=$2 IP=$3 CONTROL_PLANE_IP=$4
 POD_NETWORK=${NETPLANE_POD_NETWORK:-routes}
 PROXY=${NETPLANE_PROXY:-nftables}
 LB_POOL=${NETPLANE_LB_POOL:-192.168.56.200-192.168.56.250}
+# kube-dns forwards names outside the cluster to the VM's own resolver, as CoreDNS does
+DNS_UPSTREAM=${NETPLANE_DNS_UPSTREAM-/etc/resolv.conf}
 SRC=${NETPLANE_SRC:-/netplane}
 PREFIX=${NETPLANE_PREFIX:-/opt/netplane}
 STATE_DIR=${NETPLANE_STATE_DIR:-/var/lib/netplane}
@@ -83,7 +85,7 @@ case "$ROLE" in
     control-plane)
         log "joining as the control plane (store: etcd)"
         "$NETPLANE" node join --control-plane "${common[@]}" --store etcd \
-            --etcd-data-dir "$STATE_DIR/etcd" --lb-pool "$LB_POOL"
+            --etcd-data-dir "$STATE_DIR/etcd" --lb-pool "$LB_POOL" --dns-upstream "$DNS_UPSTREAM"
         ;;
     worker)
         wait_for_api_server

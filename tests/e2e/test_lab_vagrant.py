@@ -37,6 +37,9 @@ def provision(vm: lab.LabNode) -> subprocess.Popen:
     env = {**os.environ, "NETPLANE_SKIP_INSTALL": "1", "NETPLANE_SUPERVISOR": "process",
            "NETPLANE_BIN": shutil.which("netplane", path=os.path.dirname(sys.executable)) or "netplane",
            "NETPLANE_STATE_DIR": str(lab.LAB_DIR / "vms" / vm.name),
+           # not the host's resolver (the network rule): the DNS pod's own loopback, where nothing
+           # answers; the provisioning still sets kube-dns up to forward (dnsPolicy Default, --upstream)
+           "NETPLANE_DNS_UPSTREAM": "127.0.0.1:5353",
            lab.LAB_MARKER_ENV: str(lab.LAB_DIR)}  # so that `lab down` finds every process it starts
     role = "control-plane" if vm.control_plane else "worker"
     log = open(lab.LAB_DIR / f"provision-{vm.name}.log", "w")
@@ -138,3 +141,12 @@ def test_vagrantfile_validates():
     if "vagrant-libvirt" in vagrant("plugin", "list").stdout:  # a provider: plain validate works too
         out = vagrant("validate")
         assert out.returncode == 0 and "validated successfully" in out.stdout, out.stdout + out.stderr
+
+
+def test_kube_dns_is_set_up_to_forward_outside_names(vagrant_like_cluster):
+    async def get():
+        async with Client(SERVER) as client:
+            return await client.get("Deployment", "coredns", "kube-system")
+    spec = asyncio.run(get())["spec"]["template"]["spec"]
+    assert spec["dnsPolicy"] == "Default"  # its /etc/resolv.conf is the VM's, as CoreDNS's is
+    assert spec["containers"][0]["args"][-2:] == ["--upstream", "127.0.0.1:5353"]

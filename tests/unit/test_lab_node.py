@@ -218,3 +218,17 @@ def test_reset_removes_only_the_pod_namespaces_of_its_own_nodes(tmp_path):
     (tmp_path / "nodes" / "w1" / "cni").mkdir(parents=True)
     assert node.pod_namespaces(tmp_path) == sorted([netns_name("uid-1"), netns_name("uid-2")])
     assert node.pod_namespaces(tmp_path / "elsewhere") == []
+
+
+def test_dns_upstream_sets_up_kube_dns_as_coredns_is():
+    from netplane.node import JoinConfig, with_dns_upstream
+    from netplane.objects import load_file
+
+    objects = load_file(JoinConfig.system_manifest)
+    assert with_dns_upstream(objects, "") is objects
+    changed = with_dns_upstream(objects, "/etc/resolv.conf")
+    (dns,) = [o for o in changed if o["kind"] == "Deployment" and o["metadata"]["name"] == "coredns"]
+    spec = dns["spec"]["template"]["spec"]
+    assert spec["dnsPolicy"] == "Default"
+    assert spec["containers"][0]["args"][-2:] == ["--upstream", "/etc/resolv.conf"]
+    assert "dnsPolicy" not in next(o for o in objects if o["metadata"]["name"] == "coredns")["spec"]["template"]["spec"]
