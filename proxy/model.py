@@ -236,21 +236,7 @@ class ModelBuilder:
     def update(self, services: dict, slices: dict) -> Model:
         """Apply changes (key -> the object now, or None when deleted; keys as a ChangeTracker
         gives them) and return the whole Model, with `changes` relative to the previous one."""
-        dirty = self._update_slices(slices)
-        for key, svc in services.items():
-            known = self._services.get(key)
-            if known is not None:
-                if known[0] is svc:
-                    continue
-                self._objects.pop(known[1], None)
-                dirty.add(known[1])
-            if svc is None:
-                self._services.pop(key, None)
-            else:
-                service_key = _object_key(svc)
-                self._services[key] = (svc, service_key)
-                self._objects[service_key] = svc
-                dirty.add(service_key)
+        dirty = self._update_slices(slices) | self._update_services(services)
         changes: ModelChanges = {}
         for key in dirty:
             before = self._ports.get(key)
@@ -272,6 +258,25 @@ class ModelBuilder:
         else:
             self._model = replace(self._model, changes={}, lineage=(self.token, self.generation))
         return self._model
+
+    def _update_services(self, services: dict) -> set[ServiceKey]:
+        """Record changed Services; the keys of those to convert again."""
+        dirty: set[ServiceKey] = set()
+        for key, svc in services.items():
+            known = self._services.get(key)
+            if known is not None:
+                if known[0] is svc:
+                    continue
+                self._objects.pop(known[1], None)
+                dirty.add(known[1])
+            if svc is None:
+                self._services.pop(key, None)
+            else:
+                service_key = _object_key(svc)
+                self._services[key] = (svc, service_key)
+                self._objects[service_key] = svc
+                dirty.add(service_key)
+        return dirty
 
     def _update_slices(self, slices: dict) -> set[ServiceKey]:
         """Record changed EndpointSlices; the Services whose endpoints they may change."""
