@@ -19,7 +19,8 @@ import sys
 import yaml
 
 from netplane import objects
-from netplane.proxy.model import Model, ModelError, NodeFacts, build_model, ip_family
+from netplane.proxy.model import (SERVICE_NAME_LABEL, Model, ModelError, NodeFacts, build_model, ip_family,
+                                  object_key)
 
 BACKENDS = ("nftables", "iptables", "iptables-legacy", "iptables-nft")
 
@@ -139,7 +140,7 @@ def _parse(text: str) -> list:
     if split is not None and (os.cpu_count() or 1) > 1:
         try:
             return _parse_in_two(text, split)
-        except (yaml.YAMLError, OSError, EOFError, pickle.UnpicklingError):
+        except (yaml.YAMLError, ChildFailed):
             pass
     return list(yaml.load_all(text, Loader=FastLoader))
 
@@ -159,29 +160,45 @@ def _document_start(text: str, start: int) -> int | None:
 
 
 def _parse_in_two(text: str, split: int) -> list:
+    first, second = in_two(lambda: list(yaml.load_all(text[:split], Loader=FastLoader)),
+                           lambda: list(yaml.load_all(text[split:], Loader=FastLoader)))
+    return first + second
+
+
+def in_two(here, there):
+    """(here(), there()), with there() run at the same time in a forked child and its result
+    handed back pickled: for a short-lived command on a machine with a core to spare. Raises
+    ChildFailed when the child did not deliver (here()'s own exceptions pass through)."""
     read_end, write_end = os.pipe()
     pid = os.fork()
-    if pid == 0:  # the child: parse the second half, hand the documents back pickled
+    if pid == 0:  # the child: never returns into the parent's code
         os.close(read_end)
         status = 1
         try:
-            data = pickle.dumps(list(yaml.load_all(text[split:], Loader=FastLoader)), pickle.HIGHEST_PROTOCOL)
+            data = pickle.dumps(there(), pickle.HIGHEST_PROTOCOL)
             with os.fdopen(write_end, "wb") as out:
                 out.write(data)
             status = 0
         finally:
-            os._exit(status)  # never return into the parent's code
+            os._exit(status)
     os.close(write_end)
     source = os.fdopen(read_end, "rb")
     try:
-        first = list(yaml.load_all(text[:split], Loader=FastLoader))
+        mine = here()
         data = source.read()
     finally:
         source.close()  # before waiting: a child still writing gets EPIPE instead of blocking
         _, status = os.waitpid(pid, 0)
     if status != 0:
-        raise OSError(f"the parsing child failed (status {status})")
-    return first + pickle.loads(data)
+        raise ChildFailed(f"the forked child failed (status {status})")
+    try:
+        return mine, pickle.loads(data)
+    except (EOFError, pickle.UnpicklingError) as err:
+        raise ChildFailed(f"the forked child's result is unreadable: {err}") from None
+
+
+class ChildFailed(OSError):
+    pass
 
 
 def load_objects(path: str) -> list[dict]:
@@ -217,18 +234,31 @@ def render_text(model: Model, backend: str) -> str:
     return render_iptables(model)
 
 
-def _offline_model(args) -> Model | None:
-    """The model from --objects, or None after printing why it cannot be used."""
+def _offline_inputs(args) -> tuple[list[dict], list[dict], NodeFacts] | None:
+    """(Services, EndpointSlices, node facts) from --objects, or None after printing why not."""
     try:
-        model = model_from_file(args.objects, node_facts(args))
+        node = node_facts(args)
+        objs = load_objects(args.objects)
     except (objects.ManifestError, ModelError) as err:
         print(f"netplane proxy: {err}", file=sys.stderr)
         return None
-    if model.errors:
-        for error in model.errors:
-            print(f"netplane proxy: {error}", file=sys.stderr)
+    return objects.by_kind(objs, "Service"), objects.by_kind(objs, "EndpointSlice"), node
+
+
+def _refused(errors) -> bool:
+    """Print the model's errors; True when there are any (nothing is programmed then)."""
+    for error in errors:
+        print(f"netplane proxy: {error}", file=sys.stderr)
+    return bool(errors)
+
+
+def _offline_model(args) -> Model | None:
+    """The model from --objects, or None after printing why it cannot be used."""
+    inputs = _offline_inputs(args)
+    if inputs is None:
         return None
-    return model
+    model = build_model(*inputs)
+    return None if _refused(model.errors) else model
 
 
 def cmd_render(args) -> int:
@@ -255,17 +285,65 @@ def cmd_sync(args) -> int:
         print("netplane proxy sync: needs --objects FILE --once (or --cleanup); "
               "use `netplane proxy run` to follow an API server", file=sys.stderr)
         return 2
-    model = _offline_model(args)
-    if model is None:
+    inputs = _offline_inputs(args)
+    if inputs is None:
         return 1
     try:
-        result = backend_for(args.backend).sync(model, force_full=True)
+        if args.backend == "nftables" and len(inputs[0]) >= PARALLEL_SERVICES and (os.cpu_count() or 1) > 1:
+            result = _nft_sync_in_two(*inputs)
+        else:
+            result = _sync(args.backend, *inputs)
     except ApplyError as err:
         print(f"netplane proxy: {err}", file=sys.stderr)
+        return 1
+    if result is None:
         return 1
     print(f"programmed {result.services} service ports: {result.chains} chains, {result.rules} rules "
           f"({args.backend})", file=sys.stderr)
     return 0
+
+
+def _sync(backend: str, services: list[dict], slices: list[dict], node: NodeFacts):
+    """The full sync in this process; None after printing the model's errors."""
+    from netplane.proxy.apply import backend_for
+    model = build_model(services, slices, node)
+    return None if _refused(model.errors) else backend_for(backend).sync(model, force_full=True)
+
+
+PARALLEL_SERVICES = 2000  # from here on, converting and rendering in two processes saves time
+
+
+def _nft_sync_in_two(services: list[dict], slices: list[dict], node: NodeFacts):
+    """The full nftables sync of a large file, its Services converted and rendered in two halves at
+    once (the second in a forked child): the same transaction text as one process renders, 0.3-0.4 s
+    sooner at 10,000 Services. None after printing the model's errors (nothing is applied)."""
+    from netplane.proxy import nft
+    from netplane.proxy.apply import SyncResult, run_with_input
+
+    services = sorted(services, key=object_key)
+    first = {object_key(s) for s in services[:len(services) // 2]}
+
+    def is_first(eps: dict) -> bool:
+        meta = eps.get("metadata") or {}
+        return ((meta.get("namespace") or "default"), (meta.get("labels") or {}).get(SERVICE_NAME_LABEL)) in first
+
+    def half(which: bool):
+        model = build_model([s for s in services if (object_key(s) in first) == which],
+                            [e for e in slices if is_first(e) == which], node)
+        return len(model.ports), model.errors, [nft.services_part(nft.render_table(model, f)) for f in node.families]
+
+    try:
+        (ports_a, errors_a, parts_a), (ports_b, errors_b, parts_b) = in_two(lambda: half(True), lambda: half(False))
+    except ChildFailed:
+        return _sync("nftables", services, slices, node)  # in one process, then
+    if _refused([*errors_a, *errors_b]):
+        return None
+    skeletons = [nft.render_table(build_model([], [], node), f) for f in node.families]
+    parts = [[a, b] for a, b in zip(parts_a, parts_b)]  # per family: the first half's Services first
+    text = "\n".join(nft.transaction_of_parts(t, p) for t, p in zip(skeletons, parts))
+    run_with_input(["nft", "-f", "-"], text)
+    counts = [nft.parts_counts(t, p) for t, p in zip(skeletons, parts)]
+    return SyncResult(True, ports_a + ports_b, sum(c for c, _ in counts), sum(r for _, r in counts), len(text))
 
 
 def cmd_run(args) -> int:

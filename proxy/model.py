@@ -272,7 +272,7 @@ class ModelBuilder:
             if svc is None:
                 self._services.pop(key, None)
             else:
-                service_key = _object_key(svc)
+                service_key = object_key(svc)
                 self._services[key] = (svc, service_key)
                 self._objects[service_key] = svc
                 dirty.add(service_key)
@@ -352,14 +352,14 @@ class ModelBuilder:
                      lineage=(self.token, self.generation))
 
 
-def _object_key(obj: dict) -> ServiceKey:
+def object_key(obj: dict) -> ServiceKey:
     meta = obj.get("metadata") or {}
     return meta.get("namespace") or "default", meta.get("name") or ""
 
 
 def _listing_changes(known: dict, listing: Iterable[dict]) -> dict:
     """What a whole listing changed against the builder's `known` objects (by identity)."""
-    current = {_object_key(obj): obj for obj in listing}
+    current = {object_key(obj): obj for obj in listing}
     changes = {k: o for k, o in current.items() if (known.get(k) or (None,))[0] is not o}
     changes.update((k, None) for k in known if k not in current)
     return changes

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import copy
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -131,3 +133,43 @@ def test_a_run_of_partial_syncs_through_the_change_trackers_equals_fresh_full_sy
         assert table_contents(incremental) == table_contents(fresh), f"after step {step}"
         netns.delete(fresh)
     assert partial >= 6  # most steps were partial syncs
+
+
+def _sync_once(namespace: str, path, parallel: bool) -> subprocess.CompletedProcess:
+    """`netplane proxy sync --once` in `namespace`; `parallel` lowers the size from which the
+    Services are converted and rendered in two processes, so that a small file takes that path."""
+    code = ("import sys\nfrom netplane.proxy import cli\n"
+            f"cli.PARALLEL_SERVICES = {2 if parallel else 10**9}\n"
+            "sys.exit(cli.main(sys.argv[1:]))")
+    return netns.run([sys.executable, "-c", code, "sync", "--once", "--objects", str(path),
+                      "--node-ip", "192.168.77.1"], netns=namespace, check=False)
+
+
+def test_sync_once_in_two_processes_programs_what_one_process_does(make_netns, tmp_path) -> None:
+    import random
+
+    import yaml
+
+    from tests.unit.test_proxy_changes import random_service, random_slice
+
+    rng = random.Random(11)
+    objs = [o for i in range(12) for o in (random_service(rng, i), random_slice(rng, i, 1))]
+    objs = [o for o in objs if "not-an-ip" not in json.dumps(o)]
+    for o in objs:
+        if o["kind"] == "Service" and o["spec"]["ports"][0]["port"] == 70000:
+            o["spec"]["ports"][0]["port"] = 8080  # only good objects: both must program them
+    path = tmp_path / "objects.yaml"
+    path.write_text(yaml.safe_dump_all(objs))
+    two, one = make_netns("pxtwo"), make_netns("pxone")
+    a, b = _sync_once(two, path, parallel=True), _sync_once(one, path, parallel=False)
+    assert a.returncode == b.returncode == 0, a.stderr + b.stderr
+    assert a.stderr == b.stderr and "programmed" in a.stderr  # the same counts
+    assert table_contents(two) == table_contents(one)
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump_all([*objs, {**objs[0], "metadata": {"name": "zz-bad", "namespace": "default"},
+                                               "spec": {**objs[0]["spec"], "ports": [{"port": 0}]}}]))
+    fresh = make_netns("pxbad")
+    refused = _sync_once(fresh, bad, parallel=True)
+    assert refused.returncode == 1 and "Service default/zz-bad: field spec.ports[0].port" in refused.stderr
+    assert netns.run(["nft", "list", "table", "ip", "netplane"], netns=fresh, check=False).returncode != 0

@@ -273,3 +273,26 @@ def test_iptables_rulesets_from_the_builder_equal_rendering_from_scratch(node, s
                           for chain, rules in got.tables["nat"].items() if iptables.is_service_chain(chain))
             previous[family] = got
     assert reused > 100  # unchanged Services kept their very rule lists
+
+
+@pytest.mark.parametrize("node,seed", [(NODE, 8), (DUAL, 9)])
+def test_a_transaction_from_two_halves_is_the_one_from_the_whole(node, seed):
+    """What `proxy sync --once` builds in two processes for a large file (cli._nft_sync_in_two)."""
+    rng = random.Random(seed)
+    services = [random_service(rng, i) for i in range(16)]
+    slices = [random_slice(rng, i, 1) for i in range(16)]
+    slices.append(endpoint_slice(service_name="svc-9", name="svc-9-shared", endpoints=[ep("10.244.1.5", node="worker-1")]))
+    slices.append(endpoint_slice(service_name="svc-2", name="svc-2-shared", endpoints=[ep("10.244.1.5", node="worker-1")]))
+    whole = build_model(services, slices, node)
+    ordered = sorted(services, key=lambda s: s["metadata"]["name"])
+    first = {s["metadata"]["name"] for s in ordered[:8]}
+    halves = [build_model([s for s in services if (s["metadata"]["name"] in first) == which],
+                          [e for e in slices if (e["metadata"]["labels"]["kubernetes.io/service-name"] in first) == which],
+                          node) for which in (True, False)]
+    for family in node.families:
+        assert halves[0].ports_of(family) + halves[1].ports_of(family) == whole.ports_of(family)
+        table = nft.render_table(whole, family)
+        skeleton = nft.render_table(build_model([], [], node), family)
+        parts = [nft.services_part(nft.render_table(h, family)) for h in halves]
+        assert nft.transaction_of_parts(skeleton, parts) == nft.full_transaction(table, readable=False)
+        assert nft.parts_counts(skeleton, parts) == (table.chain_count(), table.rule_count())
