@@ -414,7 +414,7 @@ def main() -> int:
         if memory and "nftables" in finished:
             rows.append((f"peak RSS of the proxy process, full sync {largest} x {args.endpoints}",
                          f"{memory['self_kib'] / 1024:.0f} MiB (target < 300)"))
-            rows.append(("peak RSS of its nft child", f"{memory['children_kib'] / 1024:.0f} MiB"))
+            rows.append(("peak RSS of its largest child process (nft, or a forked half: shared pages count in both)", f"{memory['children_kib'] / 1024:.0f} MiB"))
     finally:
         spaces.close()
         shutil.rmtree(tmp, ignore_errors=True)
