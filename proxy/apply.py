@@ -1,8 +1,9 @@
 """The thin shell: hand rendered rules to the kernel in one transaction, remember what was applied.
 
 A backend turns a Model into one transaction (the whole table on the first sync or after a
-failure, only what changed afterwards), applies it with one command, and only then records
-it as applied: a failed apply leaves the kernel's old rules in place (the transaction is
+failure, only what changed afterwards), applies it at once (`nft -f` / `iptables-restore`; an
+nftables partial sync through nft's own library in process, see NftLibrary), and only then
+records it as applied: a failed apply leaves the kernel's old rules in place (the transaction is
 atomic) and makes the next sync a full one.
 """
 from __future__ import annotations
