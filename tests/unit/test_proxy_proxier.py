@@ -326,3 +326,21 @@ def test_the_kernel_keeps_the_old_rules_while_an_apply_fails(kernel):
         assert FULL_NFT in kernel.last and "default/api" in kernel.last
         assert not proxier.force_full and proxier.pending_since is None
     asyncio.run(scenario())
+
+
+def test_without_libnftables_partial_syncs_run_nft_f(monkeypatch):
+    """Where libnftables.so.1 cannot be loaded, nothing changes but the way a delta is applied."""
+    import ctypes
+
+    def missing(name, *args, **kwargs):
+        raise OSError(f"{name}: cannot open shared object file")
+    monkeypatch.setattr(ctypes, "CDLL", missing)
+    assert apply.nft_library(None) is None
+    fake = FakeKernel()
+    monkeypatch.setattr(netns, "run", fake.run)
+    backend = NftBackend()
+    assert backend.library is None
+    assert backend.sync(model(WEB, WEB_SLICE)).full
+    assert not backend.sync(model(WEB, WEB_SLICE, API, API_SLICE)).full
+    argv, text = fake.applies[-1]
+    assert argv == ["nft", "-f", "-"] and "default/api" in text and FULL_NFT not in text
