@@ -379,12 +379,12 @@ def _socket_in(netns_fd: int):
     """A netlink socket made inside the namespace `netns_fd`; the process returns to its own."""
     home = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
     try:
-        _setns(netns_fd)
+        setns(netns_fd)
         try:
             return _open_socket()
         finally:
             try:
-                _setns(home)
+                setns(home)
             except NetlinkError as e:
                 # Still in the pod's namespace: nothing more may run here, not even an undo.
                 os.write(2, f"netplane-cni: cannot return to the node's network namespace: {e}\n".encode())
@@ -396,9 +396,9 @@ def _socket_in(netns_fd: int):
 _setns_function = None
 
 
-def _setns(fd: int) -> None:
-    """setns(fd, CLONE_NEWNET) through libc (os.setns is Python 3.12+; ctypes itself costs ~3 ms of
-    imports, the _ctypes core ~0.4 ms)."""
+def setns(fd: int) -> None:
+    """setns(fd, CLONE_NEWNET) for the calling thread, through libc (os.setns is Python 3.12+;
+    ctypes itself costs ~3 ms of imports, the _ctypes core ~0.4 ms). netns.inside uses it too."""
     global _setns_function
     if _setns_function is None:
         import _ctypes

@@ -24,7 +24,7 @@ import aiohttp
 
 from netplane import kinds
 from netplane.kinds import Kind
-from netplane.objects import key_of
+from netplane.objects import changes_between, key_of
 
 log = logging.getLogger("client")
 
@@ -262,9 +262,7 @@ class ListingTracker:
 
     def take(self) -> Changes:
         current = {key_of(o): o for o in self._view.list(self._kind)}
-        changes: Changes = {k: o for k, o in current.items() if self._seen.get(k) is not o}
-        changes.update((k, None) for k in self._seen if k not in current)
-        self._seen = current
+        changes, self._seen = changes_between(self._seen, current), current
         return changes
 
 

@@ -57,38 +57,29 @@ def run(argv: Sequence[str], netns: str | None = None, check: bool = True,
 @contextlib.contextmanager
 def inside(netns: str | None) -> Iterator[None]:
     """Run the block with this thread in the named network namespace (setns(2) applies to the
-    calling thread only), for in-process netlink work: a socket made there stays there.
-    (cni/netlink.py has its own lean setns: the plugin must not import ctypes, see there.)"""
+    calling thread only), for in-process netlink work: a socket made there stays there."""
     if not netns:
         yield
         return
+    from netplane.cni.netlink import setns
     home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
     try:
         target = os.open(os.path.join(NETNS_DIR, netns), os.O_RDONLY | os.O_CLOEXEC)
         try:
-            _setns(target)
+            setns(target)
         finally:
             os.close(target)
         try:
             yield
         finally:
             try:
-                _setns(home)
+                setns(home)
             except OSError as err:
                 # A thread left in another namespace would act there from now on: stop instead.
                 os.write(2, f"netplane: cannot return to this thread's network namespace: {err}\n".encode())
                 os._exit(1)
     finally:
         os.close(home)
-
-
-def _setns(fd: int) -> None:
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.setns(fd, 0x40000000) != 0:  # CLONE_NEWNET
-        error = ctypes.get_errno()
-        raise OSError(error, f"setns: {os.strerror(error)}")
 
 
 def exists(netns: str) -> bool:

@@ -70,6 +70,15 @@ def namespace_of(obj: dict) -> str:
     return obj.get("metadata", {}).get("namespace", "")
 
 
+def changes_between(seen: dict, current: dict) -> dict:
+    """What makes `seen` into `current` (both key -> object): key -> the object, for keys new or
+    holding another object (compared by identity: a watch cache has one dict per version), and
+    key -> None for keys gone."""
+    changes = {k: o for k, o in current.items() if seen.get(k) is not o}
+    changes.update((k, None) for k in seen if k not in current)
+    return changes
+
+
 def key_of(obj: dict) -> tuple[str, str]:
     """(namespace, name): the cache key of an object within its kind."""
     return namespace_of(obj), name_of(obj)

@@ -19,6 +19,8 @@ import socket
 from dataclasses import dataclass, field, replace
 from typing import Iterable, NamedTuple
 
+from netplane.objects import changes_between
+
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 SERVICE_PROXY_NAME_LABEL = "service.kubernetes.io/service-proxy-name"
 HEADLESS_LABEL = "service.kubernetes.io/headless"
@@ -358,11 +360,8 @@ def object_key(obj: dict) -> ServiceKey:
 
 
 def _listing_changes(known: dict, listing: Iterable[dict]) -> dict:
-    """What a whole listing changed against the builder's `known` objects (by identity)."""
-    current = {object_key(obj): obj for obj in listing}
-    changes = {k: o for k, o in current.items() if (known.get(k) or (None,))[0] is not o}
-    changes.update((k, None) for k in known if k not in current)
-    return changes
+    """What a whole listing changed against the builder's `known` (key -> (object, ...))."""
+    return changes_between({k: v[0] for k, v in known.items()}, {object_key(obj): obj for obj in listing})
 
 
 def _merge(views) -> _PortIndex:
