@@ -290,15 +290,19 @@ def delete_link_detached(rtnl: Rtnl, index: int) -> None:
     the same syscall is clean-up nobody can observe (an RCU barrier, waiting for references, freeing):
     ~15-20 ms for a veth, paid by whoever sent the request. So a forked child sends it, with stdio on
     /dev/null and no other descriptor (not the IPAM lock), and this process waits only for the
-    announcement; the child finishes the syscall and exits on its own. NetlinkError when the kernel
-    refuses (ENODEV: already gone)."""
+    announcement; the child finishes the syscall and exits on its own. The child sends on a socket of
+    its own, opened before the fork: on `rtnl`, which this process goes on using, the two would read
+    each other's answers (same port, same sequence numbers). The link is in the caller's namespace,
+    where `rtnl` is too. NetlinkError when the kernel refuses (ENODEV: already gone)."""
     import select
     listener = _open_socket(RTMGRP_LINK)     # subscribed before the request, so the event cannot be missed
+    child_socket = Rtnl()
     result_r, result_w = os.pipe()
     pid = os.fork()
     if pid == 0:
-        _delete_in_child(rtnl, index, result_w)
+        _delete_in_child(child_socket, index, result_w)
     os.close(result_w)
+    child_socket.close()
     try:
         while True:
             ready, _, _ = select.select([listener, result_r], [], [])
