@@ -166,11 +166,15 @@ class Store:
         return released
 
     def _write(self, name: str, text: str) -> None:
-        # In place, as host-local does (a rename costs more than the rest of the IPAM step): a crash
-        # mid-write leaves a file that does not parse, and round-robin then starts over. No harm.
-        fd = os.open(os.path.join(self.dir, name), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        # In place (a rename costs more than the rest of the IPAM step), and without O_TRUNC: ext4
+        # flushes a file truncated to zero and rewritten when it is closed (auto_da_alloc), ~0.4 ms
+        # here; overwriting, then cutting to length, is not flushed. A crash mid-write leaves a wrong
+        # or unparsable hint, and round-robin starts from elsewhere. No harm.
+        data = text.encode()
+        fd = os.open(os.path.join(self.dir, name), os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
-            os.write(fd, text.encode())
+            os.pwrite(fd, data, 0)
+            os.ftruncate(fd, len(data))
         finally:
             os.close(fd)
 

@@ -92,3 +92,18 @@ def test_store_reads_files_with_whitespace_and_id_only(tmp_path):
     store = ipam.Store(str(tmp_path), "net1")
     assert store.allocations() == {ip("10.0.0.7"): ipam.Owner("c1", "")}
     assert store.release_owner("c1", "eth0") == [ip("10.0.0.7")]
+
+
+def test_last_reserved_is_rewritten_in_place_to_its_new_length(tmp_path):
+    """Overwritten, then cut to length (not truncated to zero first): a shorter address leaves no tail."""
+    conf = ipam_conf([{"subnet": "10.0.0.0/24", "rangeStart": "10.0.0.9", "rangeEnd": "10.0.0.10"}])
+    store = ipam.Store(str(tmp_path), "net1")
+    last = tmp_path / "net1" / "last_reserved_ip.0"
+    with store.locked():
+        for container, expected in (("c1", "10.0.0.9"), ("c2", "10.0.0.10"), ("c3", "10.0.0.9")):
+            owner = ipam.Owner(container, "eth0")
+            (pick,) = ipam.plan(conf, store.allocations(), store.last_reserved(1), owner)
+            store.reserve(pick, owner)
+            assert last.read_text() == expected
+            store.release_owner("c1", "eth0")
+    assert store.last_reserved(1) == {0: ip("10.0.0.9")}
