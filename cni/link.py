@@ -152,17 +152,52 @@ def close_connections() -> None:
 
 def run_batch(steps: list, undo, netns: str | None = None) -> None:
     """Run the steps in order; push the undo of every step that took effect (via undo(netns, line)),
-    then raise naming the line that failed, if one did."""
+    then raise naming the line that failed, if one did.
+
+    The steps' requests go to the kernel together, one write per run of steps whose links are known
+    (a step naming a link by index that an earlier step makes waits for that one's answer), so a
+    plan costs a round trip or two, not one per step. A refused step does not stop the later ones
+    of its write: each that took effect is undone with the rest."""
     if not steps:
         return
     rtnl = _rtnl(netns)
-    for step in steps:
-        try:
-            apply_line(rtnl, step.command)
-        except netlink.NetlinkError as e:
-            raise CniError(INTERNAL, f"ip {step.command!r} failed{' in ' + netns if netns else ''}: {e.strerror}")
-        if step.undo:
-            undo(netns, step.undo)
+    pending = []   # (step, its requests), sent together by flush()
+    failure = None
+
+    def flush() -> None:
+        nonlocal failure
+        messages = [m for _, requests in pending for m in requests]
+        outcomes = iter(rtnl.requests(messages)) if messages else iter(())
+        for step, requests in pending:
+            answers = [next(outcomes) for _ in requests]
+            refused = next((a for a in answers if isinstance(a, netlink.NetlinkError)), None)
+            if refused is None:
+                _learn_from_answers(step.command, answers)
+                if step.undo:
+                    undo(netns, step.undo)
+            elif failure is None:
+                failure = CniError(INTERNAL, f"ip {step.command!r} failed{' in ' + netns if netns else ''}: "
+                                             f"{refused.strerror}")
+        pending.clear()
+
+    def index_of(name: str) -> int:
+        if name not in rtnl.indexes:
+            flush()   # the link may be one a pending step makes
+        return rtnl.index(name)
+
+    with _OpenNamespaces() as namespaces:
+        for step in steps:
+            try:
+                pending.append((step, line_requests(step.command, index_of, namespaces)))
+            except netlink.NetlinkError as e:
+                flush()
+                failure = failure or CniError(INTERNAL, f"ip {step.command!r} failed"
+                                                        f"{' in ' + netns if netns else ''}: {e.strerror}")
+            if failure:
+                break
+        flush()
+    if failure:
+        raise failure
 
 
 def run_line(netns: str | None, line: str) -> None:
@@ -194,6 +229,7 @@ def delete_link_detached(name: str) -> bool:
         if found is None:
             return False
         netlink.delete_link_detached(rtnl, found.index)
+        rtnl.indexes.pop(name, None)
         return True
     except netlink.NetlinkError as e:
         if e.errno in _GONE:
@@ -220,54 +256,93 @@ def _words(words: list) -> tuple:
 
 
 def apply_line(rtnl: netlink.Rtnl, line: str) -> None:
-    """Send the netlink request of one plan line (only the forms the planner above writes)."""
+    """Send the netlink requests of one plan line, one after another; NetlinkError when one is refused."""
+    with _OpenNamespaces() as namespaces:
+        for message in line_requests(line, rtnl.index, namespaces):
+            rtnl.request(*message)
+
+
+def line_requests(line: str, index_of, namespaces: "_OpenNamespaces") -> list:
+    """The netlink requests of one plan line (only the forms the planner above writes); `index_of(name)`
+    gives a link's index, `namespaces` opens a namespace for as long as the requests need it."""
     words = line.split()
     verb, rest = " ".join(words[:2]), words[2:]
     if verb == "link add":
-        _link_add(rtnl, rest)
-    elif verb == "link del":
-        rtnl.delete_link(rest[0])
-    elif verb == "link set":
-        _link_set(rtnl, rest[0], rest[1:])
-    elif verb in ("addr add", "addr del"):
+        return [_link_add(rest, index_of, namespaces)]
+    if verb == "link del":
+        return [netlink.delete_link_message(rest[0])]
+    if verb == "link set":
+        return _link_set(rest[0], rest[1:])
+    if verb in ("addr add", "addr del"):
         options, flags = _words(rest[1:])
-        rtnl.change_address(verb == "addr add", rtnl.index(options["dev"]), ipnet.ip_interface(rest[0]),
-                            nodad="nodad" in flags)
-    elif verb == "route add":
+        return [netlink.address_message(verb == "addr add", index_of(options["dev"]), ipnet.ip_interface(rest[0]),
+                                        nodad="nodad" in flags)]
+    if verb == "route add":
         options, _ = _words(rest[1:])
         gateway = ipnet.ip_address(options["via"]) if "via" in options else None
-        rtnl.add_route(rtnl.index(options["dev"]), ipnet.ip_network(rest[0], strict=False), gateway)
-    else:
-        raise CniError(INTERNAL, f"netplane-cni has no netlink request for {line!r}")
+        return [netlink.route_message(index_of(options["dev"]), ipnet.ip_network(rest[0], strict=False), gateway)]
+    raise CniError(INTERNAL, f"netplane-cni has no netlink request for {line!r}")
 
 
-def _link_add(rtnl: netlink.Rtnl, words: list) -> None:
+def _link_add(words: list, index_of, namespaces: "_OpenNamespaces") -> tuple:
     """`NAME [mtu N] address MAC [master BR] [up] type bridge|veth [peer name P address MAC [mtu N] netns PATH]`"""
     name = words[0]
     peer_at = words.index("peer") if "peer" in words else len(words)
     options, flags = _words(words[1:peer_at])
-    master = rtnl.index(options["master"]) if "master" in options else 0
+    master = index_of(options["master"]) if "master" in options else 0
     mtu = int(options["mtu"]) if "mtu" in options else None
     up = netlink.IFF_UP if "up" in flags else 0
     if options["type"] != "veth":
-        rtnl.add_link(name, options["type"], options.get("address"), mtu, master, up)
-        return
+        return netlink.new_link_message(name, options["type"], options.get("address"), mtu, master, up)
     peer, _ = _words(words[peer_at + 1:])
-    with netlink.NetnsFd(peer["netns"]) as pod:
-        data = netlink.veth_peer(peer["name"], peer.get("address"), int(peer["mtu"]) if "mtu" in peer else None,
-                                 pod.fd)
-        rtnl.add_link(name, "veth", options.get("address"), mtu, master, up, data)
+    data = netlink.veth_peer(peer["name"], peer.get("address"), int(peer["mtu"]) if "mtu" in peer else None,
+                             namespaces.open(peer["netns"]))
+    return netlink.new_link_message(name, "veth", options.get("address"), mtu, master, up, data, echo=True)
 
 
-def _link_set(rtnl: netlink.Rtnl, name: str, words: list) -> None:
+def _learn_from_answers(line: str, answers: list) -> None:
+    """A veth made with an echo tells its peer's index: the pod's socket need not ask for it."""
+    words = line.split()
+    if words[:2] != ["link", "add"] or "peer" not in words or not answers or not answers[0]:
+        return
+    peer, _ = _words(words[words.index("peer") + 1:])
+    made = netlink.parse_link(answers[0][0])
+    if made.link:
+        _rtnl(peer["netns"]).indexes[peer["name"]] = made.link
+
+
+def _link_set(name: str, words: list) -> list:
     """`NAME up|down`, `NAME promisc on|off`, `NAME type bridge_slave hairpin on|off`"""
     options, flags = _words(words)
+    requests = []
     if flags & {"up", "down"}:
-        rtnl.set_link(name, netlink.IFF_UP if "up" in flags else 0, netlink.IFF_UP)
+        requests.append(netlink.set_link_message(name, netlink.IFF_UP if "up" in flags else 0, netlink.IFF_UP))
     if "promisc" in options:
-        rtnl.set_link(name, netlink.IFF_PROMISC if options["promisc"] == "on" else 0, netlink.IFF_PROMISC)
+        requests.append(netlink.set_link_message(name, netlink.IFF_PROMISC if options["promisc"] == "on" else 0,
+                                                 netlink.IFF_PROMISC))
     if "hairpin" in options:
-        rtnl.set_link(name, 0, 0, netlink.bridge_port_hairpin(options["hairpin"] == "on"))
+        requests.append(netlink.set_link_message(name, 0, 0, netlink.bridge_port_hairpin(options["hairpin"] == "on")))
+    return requests
+
+
+class _OpenNamespaces:
+    """`with _OpenNamespaces() as ns:` ns.open(path) -> a descriptor of that network namespace, kept
+    open until the block ends (a request naming it by descriptor may be sent later in the block)."""
+
+    def __init__(self):
+        self.fds = {}
+
+    def __enter__(self) -> "_OpenNamespaces":
+        return self
+
+    def open(self, path: str) -> int:
+        if path not in self.fds:
+            self.fds[path] = netlink.NetnsFd(path).__enter__()
+        return self.fds[path].fd
+
+    def __exit__(self, *exc) -> None:
+        for opened in self.fds.values():
+            opened.__exit__()
 
 
 def read_sysctl(path: str) -> str | None:

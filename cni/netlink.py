@@ -2,8 +2,9 @@
 
 Each `ip` exec costs 2-4 ms and pyroute2's import 0.3-0.5 s; a request here costs microseconds. This
 is the small part of rtnetlink the plugin uses (rtnetlink(7), linux/if_link.h, if_addr.h, rtnetlink.h):
-messages are built with struct, one request at a time, each acknowledged, so the caller knows exactly
-which step took effect. `Rtnl(netns_path)` opens a socket in another network namespace: the process
+messages are built with struct, and each is acknowledged, so the caller knows exactly which step took
+effect; several may go in one write (Rtnl.requests: the kernel handles them in order and answers each),
+which saves a round trip per step of a plan. `Rtnl(netns_path)` opens a socket in another network namespace: the process
 enters it with setns(2) just long enough to create the socket (a netlink socket stays in the namespace
 it was made in), then returns. The plugin is a short-lived single-threaded process, so that is safe.
 """
@@ -18,7 +19,7 @@ SOL_NETLINK = 270
 NETLINK_CAP_ACK, NETLINK_EXT_ACK, NETLINK_GET_STRICT_CHK = 10, 11, 12
 
 NLMSG_ERROR, NLMSG_DONE = 2, 3
-NLM_F_REQUEST, NLM_F_MULTI, NLM_F_ACK = 0x1, 0x2, 0x4
+NLM_F_REQUEST, NLM_F_MULTI, NLM_F_ACK, NLM_F_ECHO = 0x1, 0x2, 0x4, 0x8
 NLM_F_DUMP, NLM_F_EXCL, NLM_F_CREATE = 0x300, 0x200, 0x400
 NLM_F_CAPPED, NLM_F_ACK_TLVS = 0x100, 0x200        # flags of an error message
 NLMSGERR_ATTR_MSG = 1
@@ -29,7 +30,7 @@ RTM_NEWROUTE = 24
 RTMGRP_LINK = 0x1                                     # the multicast group of link changes
 
 IFF_UP, IFF_PROMISC = 0x1, 0x100
-IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_MASTER, IFLA_LINKINFO, IFLA_NET_NS_FD = 1, 3, 4, 10, 18, 28
+IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_LINK, IFLA_MASTER, IFLA_LINKINFO, IFLA_NET_NS_FD = 1, 3, 4, 5, 10, 18, 28
 IFLA_INFO_KIND, IFLA_INFO_DATA, IFLA_INFO_SLAVE_KIND, IFLA_INFO_SLAVE_DATA = 1, 2, 4, 5
 VETH_INFO_PEER = 1
 IFLA_BRPORT_MODE = 4                                   # hairpin
@@ -53,12 +54,13 @@ class NetlinkError(OSError):
 
 class Link:
     """A link as the kernel reports it (RTM_NEWLINK): index, name, kind ("bridge", "veth", ""), mac,
-    flags, mtu, and the index of its master (0: none)."""
-    __slots__ = ("index", "name", "kind", "mac", "flags", "mtu", "master")
+    flags, mtu, the index of its master (0: none) and IFLA_LINK (a veth's peer: its index in the
+    peer's namespace; 0: none)."""
+    __slots__ = ("index", "name", "kind", "mac", "flags", "mtu", "master", "link")
 
-    def __init__(self, index, name, kind, mac, flags, mtu, master):
+    def __init__(self, index, name, kind, mac, flags, mtu, master, link=0):
         self.index, self.name, self.kind, self.mac = index, name, kind, mac
-        self.flags, self.mtu, self.master = flags, mtu, master
+        self.flags, self.mtu, self.master, self.link = flags, mtu, master, link
 
 
 # ---- attributes ----------------------------------------------------------------------------------
@@ -121,13 +123,28 @@ class Rtnl:
         self.sock.close()
 
     def request(self, msg_type: int, body: bytes, flags: int = 0) -> list:
-        """Send one request and return the payloads of its replies (a dump's parts, a GET's answer);
-        NetlinkError when the kernel refuses it."""
-        self.seq += 1
-        flags |= NLM_F_REQUEST if flags & NLM_F_DUMP == NLM_F_DUMP else NLM_F_REQUEST | NLM_F_ACK
-        self.sock.send(pack(_HEADER, 16 + len(body), msg_type, flags, self.seq, 0) + body)
-        replies = []
-        while True:
+        """Send one request and return the payloads of its replies (a dump's parts, a GET's answer, an
+        echo); NetlinkError when the kernel refuses it."""
+        (outcome,) = self.requests([(msg_type, body, flags)])
+        if isinstance(outcome, NetlinkError):
+            raise outcome
+        return outcome
+
+    def requests(self, messages: list) -> list:
+        """Send (type, body, flags) requests in one write; for each, in order, the payloads of its
+        replies or the NetlinkError it was refused with. The kernel handles them one after another
+        and answers every one (a refused request does not stop the next). At most one dump, last."""
+        first = self.seq + 1
+        wire = []
+        for msg_type, body, flags in messages:
+            self.seq += 1
+            flags |= NLM_F_REQUEST if flags & NLM_F_DUMP == NLM_F_DUMP else NLM_F_REQUEST | NLM_F_ACK
+            wire.append(pack(_HEADER, 16 + len(body), msg_type, flags, self.seq, 0) + body)
+        self.sock.send(b"".join(wire))
+        replies = [[] for _ in messages]
+        outcomes = [None] * len(messages)
+        waiting = len(messages)
+        while waiting:
             data = self.sock.recv(1 << 17)
             offset = 0
             while offset + 16 <= len(data):
@@ -136,14 +153,16 @@ class Rtnl:
                     break
                 payload = data[offset + 16:offset + length]
                 offset += (length + 3) & ~3
-                if seq != self.seq:
-                    continue
+                at = seq - first
+                if not 0 <= at < len(messages) or outcomes[at] is not None:
+                    continue   # not one of these requests (a late answer to an earlier one)
                 if kind == NLMSG_ERROR or kind == NLMSG_DONE:
                     error = -unpack_from("i", payload)[0] if len(payload) >= 4 else 0
-                    if error:
-                        raise NetlinkError(error, _error_words(error, payload, msg_flags))
-                    return replies
-                replies.append(payload)
+                    outcomes[at] = NetlinkError(error, _error_words(error, payload, msg_flags)) if error else replies[at]
+                    waiting -= 1
+                else:
+                    replies[at].append(payload)
+        return outcomes
 
     # -- links --
 
@@ -155,7 +174,9 @@ class Rtnl:
             if e.errno == 19:   # ENODEV
                 return None
             raise
-        return parse_link(payload)
+        found = parse_link(payload)
+        self.indexes[found.name] = found.index
+        return found
 
     def links(self) -> list:
         return [parse_link(p) for p in self.request(RTM_GETLINK, ifinfo(), NLM_F_DUMP)]
@@ -163,29 +184,13 @@ class Rtnl:
     def index(self, name: str) -> int:
         """The index of link `name`, asked once per socket (a plan names one link line after line)."""
         if name not in self.indexes:
-            found = self.link(name)
-            if found is None:
+            if self.link(name) is None:
                 raise NetlinkError(19, f'Cannot find device "{name}"')
-            self.indexes[name] = found.index
         return self.indexes[name]
-
-    def add_link(self, name: str, kind: str, mac: str | None = None, mtu: int | None = None, master: int = 0,
-                 flags: int = 0, info_data: bytes = b"") -> None:
-        body = ifinfo(flags=flags, change=flags) + link_attrs(name, mac, mtu)
-        if master:
-            body += attr_u32(IFLA_MASTER, master)
-        body += attr(IFLA_LINKINFO, attr_str(IFLA_INFO_KIND, kind)
-                     + (attr(IFLA_INFO_DATA, info_data) if info_data else b""))
-        self.request(RTM_NEWLINK, body, NLM_F_CREATE | NLM_F_EXCL)
-
-    def set_link(self, name: str, flags: int, change: int, extra: bytes = b"") -> None:
-        """Change flags (IFF_UP, IFF_PROMISC: the bits in `change` become those in `flags`), and
-        attributes given in `extra`, of an existing link."""
-        self.request(RTM_NEWLINK, ifinfo(flags=flags, change=change) + attr_str(IFLA_IFNAME, name) + extra)
 
     def delete_link(self, name: str) -> None:
         self.indexes.pop(name, None)
-        self.request(RTM_DELLINK, ifinfo() + attr_str(IFLA_IFNAME, name))
+        self.request(*delete_link_message(name))
 
     # -- addresses and routes --
 
@@ -202,27 +207,48 @@ class Rtnl:
                 out.append(ipnet.Interface(ipnet.Address(_VERSION[family], int.from_bytes(raw, "big")), prefixlen))
         return out
 
-    def change_address(self, add: bool, index: int, address, nodad: bool = False) -> None:
-        """Add (or delete) an ipnet.Interface on link `index`."""
-        packed = address.ip.packed
-        body = pack(_IFADDR, _FAMILY[address.version], address.prefixlen, IFA_F_NODAD if nodad else 0,
-                    RT_SCOPE_UNIVERSE, index) + attr(IFA_LOCAL, packed) + attr(IFA_ADDRESS, packed)
-        if add:
-            self.request(RTM_NEWADDR, body, NLM_F_CREATE | NLM_F_EXCL)
-        else:
-            self.request(RTM_DELADDR, body)
 
-    def add_route(self, index: int, dst, gateway=None) -> None:
-        """A main-table unicast route to the ipnet.Network `dst` out of link `index`, via `gateway`."""
-        scope = RT_SCOPE_UNIVERSE if gateway is not None else RT_SCOPE_LINK
-        body = pack(_RTMSG, _FAMILY[dst.version], dst.prefixlen, 0, 0, RT_TABLE_MAIN, RTPROT_BOOT, scope,
-                    RTN_UNICAST, 0)
-        if dst.prefixlen:
-            body += attr(RTA_DST, dst.network_address.packed)
-        if gateway is not None:
-            body += attr(RTA_GATEWAY, gateway.packed)
-        body += attr_u32(RTA_OIF, index)
-        self.request(RTM_NEWROUTE, body, NLM_F_CREATE | NLM_F_EXCL)
+# ---- requests, as (type, body, flags) for Rtnl.request / Rtnl.requests -------------------------
+
+def new_link_message(name: str, kind: str, mac: str | None = None, mtu: int | None = None, master: int = 0,
+                     flags: int = 0, info_data: bytes = b"", echo: bool = False) -> tuple:
+    """Create a link; with `echo`, a kernel that honours NLM_F_ECHO here (6.3+) answers with the new
+    link (a veth's: with its peer's index), an older one only acknowledges."""
+    body = ifinfo(flags=flags, change=flags) + link_attrs(name, mac, mtu)
+    if master:
+        body += attr_u32(IFLA_MASTER, master)
+    body += attr(IFLA_LINKINFO, attr_str(IFLA_INFO_KIND, kind) + (attr(IFLA_INFO_DATA, info_data) if info_data else b""))
+    return RTM_NEWLINK, body, NLM_F_CREATE | NLM_F_EXCL | (NLM_F_ECHO if echo else 0)
+
+
+def set_link_message(name: str, flags: int, change: int, extra: bytes = b"") -> tuple:
+    """Change flags (IFF_UP, IFF_PROMISC: the bits in `change` become those in `flags`), and attributes
+    given in `extra`, of an existing link."""
+    return RTM_NEWLINK, ifinfo(flags=flags, change=change) + attr_str(IFLA_IFNAME, name) + extra, 0
+
+
+def delete_link_message(name: str) -> tuple:
+    return RTM_DELLINK, ifinfo() + attr_str(IFLA_IFNAME, name), 0
+
+
+def address_message(add: bool, index: int, address, nodad: bool = False) -> tuple:
+    """Add (or delete) an ipnet.Interface on link `index`."""
+    packed = address.ip.packed
+    body = pack(_IFADDR, _FAMILY[address.version], address.prefixlen, IFA_F_NODAD if nodad else 0,
+                RT_SCOPE_UNIVERSE, index) + attr(IFA_LOCAL, packed) + attr(IFA_ADDRESS, packed)
+    return (RTM_NEWADDR, body, NLM_F_CREATE | NLM_F_EXCL) if add else (RTM_DELADDR, body, 0)
+
+
+def route_message(index: int, dst, gateway=None) -> tuple:
+    """A main-table unicast route to the ipnet.Network `dst` out of link `index`, via `gateway`."""
+    scope = RT_SCOPE_UNIVERSE if gateway is not None else RT_SCOPE_LINK
+    body = pack(_RTMSG, _FAMILY[dst.version], dst.prefixlen, 0, 0, RT_TABLE_MAIN, RTPROT_BOOT, scope, RTN_UNICAST, 0)
+    if dst.prefixlen:
+        body += attr(RTA_DST, dst.network_address.packed)
+    if gateway is not None:
+        body += attr(RTA_GATEWAY, gateway.packed)
+    body += attr_u32(RTA_OIF, index)
+    return RTM_NEWROUTE, body, NLM_F_CREATE | NLM_F_EXCL
 
 
 def link_attrs(name: str, mac: str | None, mtu: int | None, netns_fd: int = -1) -> bytes:
@@ -253,8 +279,9 @@ def parse_link(payload: bytes) -> Link:
     kind = attrs(found[IFLA_LINKINFO]).get(IFLA_INFO_KIND, b"") if IFLA_LINKINFO in found else b""
     master = unpack_from("I", found[IFLA_MASTER])[0] if IFLA_MASTER in found else 0
     mtu = unpack_from("I", found[IFLA_MTU])[0] if IFLA_MTU in found else 0
+    link = unpack_from("I", found[IFLA_LINK])[0] if IFLA_LINK in found else 0
     return Link(index, _text(found.get(IFLA_IFNAME, b"")), _text(kind), mac_text(found.get(IFLA_ADDRESS, b"")),
-                flags, mtu, master)
+                flags, mtu, master, link)
 
 
 def _error_words(error: int, payload: bytes, msg_flags: int) -> str:

@@ -625,3 +625,23 @@ def test_detached_deletions_leave_the_socket_to_its_owner(make_netns):
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "children left: 0"
     assert links(ns) == ["lo", "np-vc"] and links(pod) == ["lo", "np-pc"]
+
+
+def test_add_on_a_kernel_that_does_not_echo_the_new_veth(make_netns, tmp_path):
+    """Before Linux 6.3 a new link is only acknowledged, not echoed: the pod's socket then asks for
+    its interface's index, and ADD, CHECK and DEL come out the same."""
+    wrapper = tmp_path / "netplane-cni-no-echo"
+    wrapper.write_text(f"#!{sys.executable} -I\nimport sys\nsys.path.insert(0, {REPO!r})\n"
+                       "from netplane.cni import netlink, plugin\n"
+                       "netlink.NLM_F_ECHO = 0   # what such a kernel does: no echo\n"
+                       "plugin.main_and_exit()\n")
+    wrapper.chmod(0o755)
+    node = Node(make_netns("cn"), str(tmp_path / "ipam"), str(wrapper))
+    pod = make_netns("cp")
+    conf = node.conf(ranges=FAMILIES["dual"])
+    result = node.add(conf, "c1", pod)
+    assert addresses(pod, "eth0") == {"10.244.1.2/24", "fd00:10:244:1::2/64"}
+    assert "default via 10.244.1.1 dev eth0" in ip_out(pod, "ip", "route")
+    assert node.cni("CHECK", with_prev(conf, result), "c1", pod) == (0, None)
+    assert node.cni("DEL", with_prev(conf, result), "c1", pod) == (0, None)
+    assert links(pod) == ["lo"] and links(node.name) == ["cni0", "lo"] and node.allocations() == []
