@@ -10,6 +10,9 @@ upstream connections alive (nginx: `keepalive 64`, HTTP/1.1, `Connection ""`) an
 forwarding headers. Scenarios: `1 route` (one Ingress, one host, one path) and `4x50` (4 Ingresses,
 each its own host with 50 Prefix paths; requests hit a path in the middle of the set).
 On a machine with 2+ cores both proxies are pinned to cpu0 and wrk + backend share the others.
+`--calibrate` adds a third proxy to the `1 route` scenario: bench/passthrough.py, uvloop + httptools
+passing responses through and nothing else (no routing, filtering or framing), the floor under any
+Python proxy on these libraries; its row says how much of the gap to nginx is Python itself.
 Rounds alternate which proxy goes first (drift from other load hits both alike); each line shows
 the 1-minute load average before it. Summary: the median of the rounds for each figure, and the
 ratios netplane/nginx of those medians. CPU per request = proxy utime+stime (/proc) / requests.
@@ -208,6 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scenario", action="append", choices=SCENARIOS,
                         help="run only this scenario (repeatable; default: all)")
     parser.add_argument("--access-log", action="store_true", help="both proxies log every request")
+    parser.add_argument("--calibrate", action="store_true",
+                        help="also measure bench/passthrough.py (the bare uvloop + httptools floor) in `1 route`")
     args = parser.parse_args(argv)
     for tool in ("wrk", "nginx"):
         if not shutil.which(tool):
@@ -260,10 +265,11 @@ def load1() -> float:
 
 
 def measure_scenario(name, objects, host, path, workdir, backend_port, args, proxy_cpu, load_cpus, procs):
-    results: dict[str, list[Figures]] = {"netplane": [], "nginx": []}
+    calibrate = args.calibrate and name == "1 route"
+    results: dict[str, list[Figures]] = {"netplane": [], "nginx": [], **({"passthru": []} if calibrate else {})}
     objects_file = workdir / "objects.yaml"
     objects_file.write_text(yaml.safe_dump_all(objects))
-    ports = {"netplane": free_port(), "nginx": free_port()}
+    ports = {proxy: free_port() for proxy in results}
     ingress_argv = [*NETPLANE, "ingress", "serve", "--objects", str(objects_file),
                     "--listen", f"127.0.0.1:{ports['netplane']}", "--workers", "1"]
     if not args.access_log:
@@ -275,6 +281,10 @@ def measure_scenario(name, objects, host, path, workdir, backend_port, args, pro
                                                                          backend_port, args.access_log))],
                                          proxy_cpu)),
     }
+    if calibrate:
+        passthrough = [sys.executable, str(Path(__file__).with_name("passthrough.py")), str(ports["passthru"]),
+                       str(backend_port)]
+        servers["passthru"] = subprocess.Popen(pinned(passthrough, proxy_cpu))
     procs += servers.values()
     try:
         for proxy, proc in servers.items():
@@ -309,10 +319,12 @@ def report_summary(name: str, results: dict[str, list[Figures]]) -> None:
     for proxy, fig in med.items():
         print(f"{name:<9} {proxy:<9} {'median':>5} {fig.rps:>9.0f} {fig.p50_ms:>7.2f} {fig.p99_ms:>7.2f} "
               f"{fig.cpu_us_per_req:>10.1f} {fig.errors:>6.0f}")
-    ours, theirs = med["netplane"], med["nginx"]
-    print(f"{name:<9} ratio netplane/nginx (medians): req/s {ours.rps / theirs.rps:.2f}x, "
-          f"p50 {ours.p50_ms / theirs.p50_ms:.2f}x, p99 {ours.p99_ms / theirs.p99_ms:.2f}x, "
-          f"CPU/req {ours.cpu_us_per_req / theirs.cpu_us_per_req:.2f}x", flush=True)
+    theirs = med["nginx"]
+    for proxy in (p for p in med if p != "nginx"):
+        ours = med[proxy]
+        print(f"{name:<9} ratio {proxy}/nginx (medians): req/s {ours.rps / theirs.rps:.2f}x, "
+              f"p50 {ours.p50_ms / theirs.p50_ms:.2f}x, p99 {ours.p99_ms / theirs.p99_ms:.2f}x, "
+              f"CPU/req {ours.cpu_us_per_req / theirs.cpu_us_per_req:.2f}x", flush=True)
 
 
 if __name__ == "__main__":
