@@ -307,7 +307,7 @@ def _learn_from_answers(line: str, answers: list) -> None:
         return
     peer, _ = _words(words[words.index("peer") + 1:])
     made = netlink.parse_link(answers[0][0])
-    if made.link:
+    if made.name == words[2] and made.link:   # the host end's message: its IFLA_LINK is the peer
         _rtnl(peer["netns"]).indexes[peer["name"]] = made.link
 
 
