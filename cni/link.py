@@ -188,13 +188,14 @@ def run_batch(steps: list, undo, netns: str | None = None) -> None:
     with _OpenNamespaces() as namespaces:
         for step in steps:
             try:
-                pending.append((step, line_requests(step.command, index_of, namespaces)))
-            except netlink.NetlinkError as e:
+                requests = line_requests(step.command, index_of, namespaces)
+            except netlink.NetlinkError as e:   # a link it names is not there
                 flush()
                 failure = failure or CniError(INTERNAL, f"ip {step.command!r} failed"
                                                         f"{' in ' + netns if netns else ''}: {e.strerror}")
-            if failure:
+            if failure:   # from that, or from an earlier step answered while this one was planned
                 break
+            pending.append((step, requests))
         flush()
     if failure:
         raise failure

@@ -123,3 +123,70 @@ def test_no_helper_means_the_plugin_runs_itself(tmp_path):
                           '[[{"subnet": "10.9.0.0/24"}]], "dataDir": "/nonexistent"}}', env=env,
                           capture_output=True, text=True, timeout=30)
     assert proc.returncode == 1 and "does not exist" in proc.stdout
+
+
+class _FakeRtnl:
+    """Answers batches as the kernel would: each request in order, `refuse` (by request type) refused."""
+
+    def __init__(self, refuse=(), links=None):
+        self.refuse, self.indexes, self.writes = set(refuse), {}, []
+        self.links = dict(links or {})
+
+    def requests(self, messages):
+        self.writes.append([m[0] for m in messages])
+        out = []
+        for msg_type, body, _ in messages:
+            if msg_type in self.refuse:
+                out.append(netlink.NetlinkError(17, "File exists"))
+                continue
+            if msg_type == netlink.RTM_NEWLINK and body[16:]:
+                name = netlink.attrs(body, 16).get(netlink.IFLA_IFNAME, b"").rstrip(b"\0").decode()
+                self.links.setdefault(name, len(self.links) + 2)
+            out.append([])
+        return out
+
+    def index(self, name):
+        if name not in self.links:
+            raise netlink.NetlinkError(19, f'Cannot find device "{name}"')
+        self.indexes[name] = self.links[name]
+        return self.indexes[name]
+
+
+def _batch(rtnl, steps) -> tuple:
+    """(the undo lines pushed, the CniError raised or None) of link.run_batch on the fake socket."""
+    from netplane.cni import link, spec
+    undone = []
+    link._connections[None] = rtnl
+    try:
+        link.run_batch(steps, lambda netns, line: undone.append(line))
+    except spec.CniError as e:
+        return undone, e
+    finally:
+        link._connections.pop(None, None)
+    return undone, None
+
+
+def test_a_plan_goes_in_one_write_until_a_step_names_a_link_made_in_it():
+    from netplane.cni import link
+    steps = [link.Step("link add np-br0 address 02:00:00:00:00:01 type bridge", "link del np-br0"),
+             link.Step("addr add 10.1.0.1/24 dev np-br0", "addr del 10.1.0.1/24 dev np-br0"),
+             link.Step("link set np-br0 up", "link set np-br0 down")]
+    rtnl = _FakeRtnl()
+    undone, failed = _batch(rtnl, steps)
+    assert failed is None
+    # the address needs the new bridge's index: the bridge's request is answered first
+    assert rtnl.writes == [[netlink.RTM_NEWLINK], [netlink.RTM_NEWADDR, netlink.RTM_NEWLINK]]
+    assert undone == ["link del np-br0", "addr del 10.1.0.1/24 dev np-br0", "link set np-br0 down"]
+
+
+def test_a_refused_step_is_named_and_those_that_took_effect_are_undone():
+    from netplane.cni import link
+    steps = [link.Step("link set np-br0 up", "link set np-br0 down"),
+             link.Step("addr add 10.1.0.1/24 dev np-br0", "addr del 10.1.0.1/24 dev np-br0"),
+             link.Step("link set np-br0 promisc on", "link set np-br0 promisc off")]
+    rtnl = _FakeRtnl(refuse={netlink.RTM_NEWADDR}, links={"np-br0": 5})
+    rtnl.indexes["np-br0"] = 5
+    undone, failed = _batch(rtnl, steps)
+    assert "ip 'addr add 10.1.0.1/24 dev np-br0' failed: File exists" in failed.msg
+    assert rtnl.writes == [[netlink.RTM_NEWLINK, netlink.RTM_NEWADDR, netlink.RTM_NEWLINK]]
+    assert undone == ["link set np-br0 down", "link set np-br0 promisc off"]   # each that took effect
