@@ -4,8 +4,9 @@ The plan is pure: from the config, the bridge as it is now and the chosen addres
 lines for the caller's namespace (bridge, gateway address, veth pair) and for the pod's namespace
 (address, up, routes), each host line with the line that undoes it. The lines read like iproute2's
 commands (so undo logs and errors say what happened in words a user can paste), but no `ip` runs: the
-shell turns each line into one netlink request (netlink.py), sends it on a socket in the right
-namespace, and pushes the undo of every line the kernel accepted. Only CHECK still reads through `ip`.
+shell turns each line into netlink requests (netlink.py), sends a plan's requests together on a socket
+in the right namespace (run_batch), and pushes the undo of every line the kernel accepted. Only CHECK
+still reads through `ip`.
 """
 import os
 
