@@ -6,9 +6,9 @@ remembers where round-robin continues, and every change happens under flock(<dir
 """
 import errno
 import fcntl
-import os
+import posix
 
-from . import ipnet
+from . import ipnet, paths
 from .config import IpamConf, Range, RangeSet
 from .record import record
 from .spec import IO_FAILURE, NO_FREE_ADDRESS, CniError
@@ -101,7 +101,7 @@ def owned_by(who: Owner, container_id: str, ifname: str) -> bool:
 
 class Store:
     def __init__(self, data_dir: str, network: str, lock_file: str = LOCK_FILE):
-        self.dir = os.path.join(data_dir, network)
+        self.dir = paths.join(data_dir, network)
         self.lock_file = lock_file
 
     def locked(self) -> "_Lock":
@@ -113,7 +113,7 @@ class Store:
         """{ip: Owner} for every allocation file in the directory."""
         out = {}
         try:
-            names = os.listdir(self.dir)
+            names = posix.listdir(self.dir)
         except FileNotFoundError:
             return out
         prefix = self.dir + "/"
@@ -133,28 +133,28 @@ class Store:
         out = {}
         for index in range(count):
             try:
-                out[index] = ipnet.ip_address((_read(os.path.join(self.dir, f"{LAST_RESERVED_PREFIX}{index}")) or "").strip())
+                out[index] = ipnet.ip_address((_read(paths.join(self.dir, f"{LAST_RESERVED_PREFIX}{index}")) or "").strip())
             except ValueError:
                 pass
         return out
 
     def reserve(self, pick: Pick, owner: Owner) -> None:
-        path = os.path.join(self.dir, str(pick.ip))
+        path = paths.join(self.dir, str(pick.ip))
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            fd = posix.open(path, posix.O_WRONLY | posix.O_CREAT | posix.O_EXCL | posix.O_CLOEXEC, 0o644)
         except OSError as e:
             if e.errno == errno.EEXIST:
                 raise CniError(IO_FAILURE, f"{pick.ip} is already allocated ({path} exists)")
             raise CniError(IO_FAILURE, f"cannot write {path}: {e}")
         try:
-            os.write(fd, f"{owner.container_id}\r\n{owner.ifname}".encode())
+            posix.write(fd, f"{owner.container_id}\r\n{owner.ifname}".encode())
         finally:
-            os.close(fd)
+            posix.close(fd)
         self._write(f"{LAST_RESERVED_PREFIX}{pick.index}", str(pick.ip))
 
     def release(self, ip) -> None:
         try:
-            os.unlink(os.path.join(self.dir, str(ip)))
+            posix.unlink(paths.join(self.dir, str(ip)))
         except FileNotFoundError:
             pass
 
@@ -171,25 +171,25 @@ class Store:
         # here; overwriting, then cutting to length, is not flushed. A crash mid-write leaves a wrong
         # or unparsable hint, and round-robin starts from elsewhere. No harm.
         data = text.encode()
-        fd = os.open(os.path.join(self.dir, name), os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd = posix.open(paths.join(self.dir, name), posix.O_WRONLY | posix.O_CREAT | posix.O_CLOEXEC, 0o644)
         try:
-            os.pwrite(fd, data, 0)
-            os.ftruncate(fd, len(data))
+            posix.pwrite(fd, data, 0)
+            posix.ftruncate(fd, len(data))
         finally:
-            os.close(fd)
+            posix.close(fd)
 
 
 def _read(path: str) -> str | None:
-    """A small file's text, or None when it is gone (os.read: open() would build a text stream per
+    """A small file's text, or None when it is gone (posix.read: open() would build a text stream per
     allocation file, and ADD reads every one)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = posix.open(path, posix.O_RDONLY | posix.O_CLOEXEC)
     except FileNotFoundError:
         return None
     try:
-        return os.read(fd, 4096).decode(errors="replace")
+        return posix.read(fd, 4096).decode(errors="replace")
     finally:
-        os.close(fd)
+        posix.close(fd)
 
 
 class _Lock:
@@ -201,12 +201,12 @@ class _Lock:
 
     def __enter__(self) -> Store:
         try:
-            os.makedirs(self.store.dir, mode=0o755, exist_ok=True)
-            self.fd = os.open(os.path.join(self.store.dir, self.store.lock_file), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            paths.makedirs(self.store.dir, 0o755)
+            self.fd = posix.open(paths.join(self.store.dir, self.store.lock_file), posix.O_RDWR | posix.O_CREAT | posix.O_CLOEXEC, 0o644)
         except OSError as e:
             raise CniError(IO_FAILURE, f"cannot open the IPAM lock in {self.store.dir}: {e}")
         fcntl.flock(self.fd, fcntl.LOCK_EX)
         return self.store
 
     def __exit__(self, *exc) -> None:
-        os.close(self.fd)   # closing the only descriptor releases the flock
+        posix.close(self.fd)   # closing the only descriptor releases the flock

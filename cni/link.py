@@ -8,7 +8,7 @@ shell turns each line into netlink requests (netlink.py), sends a plan's request
 in the right namespace (run_batch), and pushes the undo of every line the kernel accepted. Only CHECK
 still reads through `ip`.
 """
-import os
+import posix
 
 from . import ipnet, netlink
 from .record import record
@@ -349,15 +349,15 @@ class _OpenNamespaces:
 
 def read_sysctl(path: str) -> str | None:
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = posix.open(path, posix.O_RDONLY | posix.O_CLOEXEC)
     except OSError:
         return None
     try:
-        return os.read(fd, 64).decode().strip()
+        return posix.read(fd, 64).decode().strip()
     except OSError:
         return None
     finally:
-        os.close(fd)
+        posix.close(fd)
 
 
 def write_sysctl(path: str, value: str) -> None:
@@ -371,6 +371,6 @@ def write_sysctl(path: str, value: str) -> None:
 
 def random_mac() -> str:
     """A random locally administered unicast MAC (setting MACs ourselves means no read-back exec)."""
-    octets = bytearray(os.urandom(6))
+    octets = bytearray(posix.urandom(6))
     octets[0] = (octets[0] & 0xFE) | 0x02
     return ":".join(f"{b:02x}" for b in octets)

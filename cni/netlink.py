@@ -8,7 +8,7 @@ which saves a round trip per step of a plan. `Rtnl(netns_path)` opens a socket i
 enters it with setns(2) just long enough to create the socket (a netlink socket stays in the namespace
 it was made in), then returns. The plugin is a short-lived single-threaded process, so that is safe.
 """
-import os
+import posix
 from _socket import AF_INET, AF_INET6, AF_NETLINK, SOCK_CLOEXEC, SOCK_RAW, socket
 from _struct import pack, unpack_from
 
@@ -285,7 +285,7 @@ def parse_link(payload: bytes) -> Link:
 
 
 def _error_words(error: int, payload: bytes, msg_flags: int) -> str:
-    words = os.strerror(error)
+    words = posix.strerror(error)
     if msg_flags & NLM_F_ACK_TLVS and len(payload) >= 20:
         original_length = unpack_from("I", payload, 4)[0]
         tlvs = attrs(payload, 20 if msg_flags & NLM_F_CAPPED else 4 + original_length)
@@ -324,11 +324,11 @@ def delete_link_detached(rtnl: Rtnl, index: int) -> None:
     import select
     listener = _open_socket(RTMGRP_LINK)     # subscribed before the request, so the event cannot be missed
     child_socket = Rtnl()
-    result_r, result_w = os.pipe()
-    pid = os.fork()
+    result_r, result_w = posix.pipe()
+    pid = posix.fork()
     if pid == 0:
         _delete_in_child(child_socket, index, result_w)
-    os.close(result_w)
+    posix.close(result_w)
     child_socket.close()
     try:
         while True:
@@ -336,16 +336,16 @@ def delete_link_detached(rtnl: Rtnl, index: int) -> None:
             if listener in ready and _announces_deletion(listener, index, rtnl):
                 return
             if result_r in ready:
-                answer = os.read(result_r, 4)
+                answer = posix.read(result_r, 4)
                 error = int.from_bytes(answer, "little") if len(answer) == 4 else None
                 if error:
-                    raise NetlinkError(error, os.strerror(error))
+                    raise NetlinkError(error, posix.strerror(error))
                 if error == 0 or rtnl.link(index=index) is None:   # done, or the child died and it is gone
                     return
                 raise NetlinkError(5, f"deleting link {index}: the process doing it died")   # EIO
     finally:
         listener.close()
-        os.close(result_r)
+        posix.close(result_r)
 
 
 def _announces_deletion(listener, index: int, rtnl: Rtnl) -> bool:
@@ -366,24 +366,24 @@ def _announces_deletion(listener, index: int, rtnl: Rtnl) -> bool:
 def _delete_in_child(rtnl: Rtnl, index: int, result_w: int) -> None:
     """In the forked child: send the deletion, report its errno (0: done) on result_w, exit."""
     try:
-        null = os.open("/dev/null", os.O_RDWR)
+        null = posix.open("/dev/null", posix.O_RDWR)
         for fd in (0, 1, 2):
-            os.dup2(null, fd)   # the runtime waits for EOF on our stdout and stderr: not for this child
+            posix.dup2(null, fd)   # the runtime waits for EOF on our stdout and stderr: not for this child
         keep = sorted((rtnl.sock.fileno(), result_w))
-        os.closerange(3, keep[0])
-        os.closerange(keep[0] + 1, keep[1])
-        os.closerange(keep[1] + 1, 1 << 16)
+        posix.closerange(3, keep[0])
+        posix.closerange(keep[0] + 1, keep[1])
+        posix.closerange(keep[1] + 1, 1 << 16)
         error = 0
         try:
             rtnl.request(RTM_DELLINK, ifinfo(index))
         except NetlinkError as e:
             error = e.errno
         try:
-            os.write(result_w, error.to_bytes(4, "little"))
+            posix.write(result_w, error.to_bytes(4, "little"))
         except OSError:
             pass    # the parent is long gone: as intended
     finally:
-        os._exit(0)
+        posix._exit(0)
 
 
 # ---- network namespaces --------------------------------------------------------------------------
@@ -397,18 +397,18 @@ class NetnsFd:
 
     def __enter__(self) -> "NetnsFd":
         try:
-            self.fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+            self.fd = posix.open(self.path, posix.O_RDONLY | posix.O_CLOEXEC)
         except OSError as e:
             raise NetlinkError(e.errno, f"cannot open network namespace {self.path}: {e.strerror}")
         return self
 
     def __exit__(self, *exc) -> None:
-        os.close(self.fd)
+        posix.close(self.fd)
 
 
 def _socket_in(netns_fd: int):
     """A netlink socket made inside the namespace `netns_fd`; the process returns to its own."""
-    home = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    home = posix.open("/proc/self/ns/net", posix.O_RDONLY | posix.O_CLOEXEC)
     try:
         setns(netns_fd)
         try:
@@ -418,10 +418,10 @@ def _socket_in(netns_fd: int):
                 setns(home)
             except NetlinkError as e:
                 # Still in the pod's namespace: nothing more may run here, not even an undo.
-                os.write(2, f"netplane-cni: cannot return to the node's network namespace: {e}\n".encode())
-                os._exit(1)
+                posix.write(2, f"netplane-cni: cannot return to the node's network namespace: {e}\n".encode())
+                posix._exit(1)
     finally:
-        os.close(home)
+        posix.close(home)
 
 
 _setns_function = None
@@ -445,4 +445,4 @@ def setns(fd: int) -> None:
     function, get_errno = _setns_function
     if function(fd, CLONE_NEWNET) != 0:
         error = get_errno()
-        raise NetlinkError(error, f"setns: {os.strerror(error)}")
+        raise NetlinkError(error, f"setns: {posix.strerror(error)}")

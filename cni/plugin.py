@@ -13,12 +13,12 @@ the modules ADD and DEL load even go without `from __future__ import annotations
 netlink.py); only ipMasq (nft) and CHECK (ip) exec a tool. Under a node agent, the launcher hands ADD
 and DEL to the agent's resident helper (helper.py), which runs `run` below with everything loaded.
 """
-import os
+import posix
 import sys
 from _sha1 import sha1  # hashlib would load OpenSSL (~5 ms) on every exec
 
 from . import jsonlite as json  # json without its ~9 ms import (see jsonlite)
-from . import config, ipam, ipnet, link
+from . import config, ipam, ipnet, link, paths
 from .record import record
 from .spec import (DECODING_FAILURE, INCOMPATIBLE_VERSION, INTERNAL, INVALID_ENVIRONMENT,
                    INVALID_NETWORK_CONFIG, LATEST_VERSION, NOT_AVAILABLE, CniError, Env, Interface, IPConfig,
@@ -82,10 +82,10 @@ def _needs_version(conf, minimum: tuple, verb: str) -> None:
 
 def _check_netns(env: Env) -> None:
     try:
-        target = os.stat(env.netns)
+        target = posix.stat(env.netns)
     except OSError:
         raise CniError(INVALID_ENVIRONMENT, f"CNI_NETNS {env.netns!r} does not exist")
-    own = os.stat("/proc/self/ns/net")
+    own = posix.stat("/proc/self/ns/net")
     if (target.st_dev, target.st_ino) == (own.st_dev, own.st_ino):
         # The pod's end would land next to the bridge, in the node itself.
         raise CniError(INVALID_ENVIRONMENT, f"CNI_NETNS {env.netns!r} is the plugin's own network namespace")
@@ -227,7 +227,7 @@ def cmd_del(env: Env, data: dict) -> None:
         names = [host] + [n for n in _prev_host_links(conf) if n != host]
         # Done once the kernel has unregistered the pair; its ~20 ms clean-up goes on without us.
         found = [link.delete_link_detached(name) for name in names]
-        if not any(found) and env.netns and os.path.exists(env.netns):
+        if not any(found) and env.netns and paths.exists(env.netns):
             # The host end was renamed or made by someone else: remove the pod's end directly.
             link.delete_link(env.ifname, env.netns)
         if conf.ipam.builtin:
@@ -357,8 +357,14 @@ def _json_line(obj: dict) -> str:
     return json.dumps(obj) + "\n"
 
 
+def environment() -> dict:
+    """os.environ's text, from posix.environ's bytes (decoded as os does: UTF-8, surrogateescape)."""
+    return {key.decode("utf-8", "surrogateescape"): value.decode("utf-8", "surrogateescape")
+            for key, value in posix.environ.items()}
+
+
 def main(argv=None, stdin: bytes | None = None) -> int:
-    code, out = run(os.environ, sys.stdin.buffer.read() if stdin is None else stdin)
+    code, out = run(environment(), sys.stdin.buffer.read() if stdin is None else stdin)
     sys.stdout.write(out)
     sys.stdout.flush()
     return code
@@ -369,7 +375,7 @@ def main_and_exit(stdin: bytes | None = None) -> None:
     costs ~1.5 ms per exec, for a process that is about to vanish). The launcher's entry point."""
     code = main(stdin=stdin)
     sys.stderr.flush()
-    os._exit(code)
+    posix._exit(code)
 
 
 if __name__ == "__main__":

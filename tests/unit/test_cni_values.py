@@ -190,3 +190,22 @@ def test_a_refused_step_is_named_and_those_that_took_effect_are_undone():
     assert "ip 'addr add 10.1.0.1/24 dev np-br0' failed: File exists" in failed.msg
     assert rtnl.writes == [[netlink.RTM_NEWLINK, netlink.RTM_NEWADDR, netlink.RTM_NEWLINK]]
     assert undone == ["link set np-br0 down", "link set np-br0 promisc off"]   # each that took effect
+
+
+@pytest.mark.parametrize("directory, name", [("/var/lib/cni", "net1"), ("/var/lib/cni/", "net1"), ("rel", "x"),
+                                             ("/a", "/abs"), ("", "x")])
+def test_paths_join_is_os_path_join(directory, name):
+    from netplane.cni import paths
+    assert paths.join(directory, name) == os.path.join(directory, name)
+
+
+def test_paths_makedirs_and_exists(tmp_path):
+    from netplane.cni import paths
+    deep = str(tmp_path / "a" / "b" / "c")
+    assert not paths.exists(deep)
+    paths.makedirs(deep, 0o755)
+    paths.makedirs(deep, 0o755)   # already there: fine
+    assert os.path.isdir(deep) and paths.exists(deep) and not paths.exists(deep + "\0x")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(FileExistsError):
+        paths.makedirs(str(tmp_path / "file"))
