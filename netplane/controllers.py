@@ -269,13 +269,18 @@ def reconcile_endpoint_slices(services: list[dict], pods: list[dict], slices: li
 # Nodes: pod CIDRs and heartbeats
 
 
-def allocate_pod_cidrs(nodes: list[dict], cluster_cidr: str, mask: int) -> list[Action]:
+def allocate_pod_cidrs(nodes: list[dict], cluster_cidr: str, mask: int,
+                       assigned: dict[str, str] | None = None) -> list[Action]:
+    """A free pod CIDR for each node without one. `assigned`: {node name: CIDR} this controller has
+    already given and the watch has not shown yet; those nodes are left alone and those CIDRs are
+    taken (a second pass on a stale view would otherwise give one CIDR to two nodes)."""
+    assigned = assigned or {}
     network = ipaddress.ip_network(cluster_cidr)
-    used = {n["spec"].get("podCIDR") for n in nodes if n.get("spec", {}).get("podCIDR")}
+    used = {n["spec"].get("podCIDR") for n in nodes if n.get("spec", {}).get("podCIDR")} | set(assigned.values())
     free = (str(s) for s in network.subnets(new_prefix=mask) if str(s) not in used)
     actions = []
     for node in sorted(nodes, key=lambda n: n["metadata"].get("creationTimestamp", "") + n["metadata"]["name"]):
-        if node.get("spec", {}).get("podCIDR"):
+        if node.get("spec", {}).get("podCIDR") or node["metadata"]["name"] in assigned:
             continue
         cidr = next(free, None)
         if cidr is None:
@@ -337,12 +342,12 @@ class Settings:
 
 
 def desired_actions(objects: dict[str, list[dict]], settings: Settings, now: float,
-                    unsettled: frozenset = frozenset()) -> list[Action]:
+                    unsettled: frozenset = frozenset(), assigned_cidrs: dict[str, str] | None = None) -> list[Action]:
     """Every controller over the current objects.
 
     `unsettled`: uids of ReplicaSets whose earlier pod creations/deletions the watch has not shown
     yet; only their own scaling waits. They stay in `objects`, so their pods are not orphans and
-    their Deployment still sees them."""
+    their Deployment still sees them. `assigned_cidrs`: see allocate_pod_cidrs."""
     actions: list[Action] = []
     for deploy in objects["Deployment"]:
         actions += reconcile_deployment(deploy, objects["ReplicaSet"])
@@ -350,7 +355,7 @@ def desired_actions(objects: dict[str, list[dict]], settings: Settings, now: flo
         if rs["metadata"].get("uid") not in unsettled:
             actions += reconcile_replicaset(rs, objects["Pod"])
     actions += reconcile_endpoint_slices(objects["Service"], objects["Pod"], objects["EndpointSlice"])
-    actions += allocate_pod_cidrs(objects["Node"], settings.cluster_cidr, settings.node_cidr_mask)
+    actions += allocate_pod_cidrs(objects["Node"], settings.cluster_cidr, settings.node_cidr_mask, assigned_cidrs)
     actions += stale_nodes(objects["Node"], now)
     actions += orphans(objects)
     return actions
@@ -389,6 +394,7 @@ class ControllerManager:
         self.view = view
         self.settings = settings
         self.expectations = Expectations()
+        self.assigned_cidrs: dict[str, tuple[str, float]] = {}   # node -> (CIDR, until), not yet seen
 
     def snapshot(self) -> dict[str, list[dict]]:
         return {kind: self.view.list(kind) for kind in KINDS}
@@ -408,12 +414,26 @@ class ControllerManager:
             return
         now = time.time()
         objects = self.snapshot()
-        actions = desired_actions(objects, self.settings, now, self.unsettled_replicasets(objects, now))
+        actions = desired_actions(objects, self.settings, now, self.unsettled_replicasets(objects, now),
+                                  self.unseen_cidrs(objects["Node"], now))
         self.record_expectations(actions, objects, now)
         for action in actions:
             await self.apply(action)
 
+    def unseen_cidrs(self, nodes: list[dict], now: float) -> dict[str, str]:
+        """{node: CIDR} given by this process that the watch does not show yet (for up to the
+        expectations' TTL; a node that is gone or shows a CIDR is settled)."""
+        shown = {n["metadata"]["name"]: (n.get("spec") or {}).get("podCIDR") for n in nodes}
+        for name, (_, until) in list(self.assigned_cidrs.items()):
+            if name not in shown or shown[name] or now > until:
+                del self.assigned_cidrs[name]
+        return {name: cidr for name, (cidr, _) in self.assigned_cidrs.items()}
+
     def record_expectations(self, actions: list[Action], objects, now: float) -> None:
+        for action in actions:
+            cidr = (action.body or {}).get("spec", {}).get("podCIDR") if action.kind == "Node" else None
+            if action.verb == "patch" and cidr:
+                self.assigned_cidrs[action.name] = (cidr, now + self.expectations.ttl)
         by_owner: dict[str, tuple[set, set]] = {}
         for action in actions:
             if action.kind != "Pod" or action.verb not in ("create", "delete"):

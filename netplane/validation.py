@@ -624,4 +624,10 @@ def validate_update(old: dict, new: dict) -> list[FieldError]:
             errors.append(("spec.nodeName", invalid(new_node, "field is immutable once set")))
     if kind == "EndpointSlice" and old.get("addressType") != new.get("addressType"):
         errors.append(("addressType", invalid(new.get("addressType"), "field is immutable")))
+    if kind == "Node":
+        # As Kubernetes: a node's pod range is set once; its pods' addresses come from it.
+        for field in ("podCIDR", "podCIDRs"):
+            if old_spec.get(field) and new_spec.get(field) != old_spec.get(field):
+                errors.append((f"spec.{field}", invalid(new_spec.get(field),
+                                                        f"node updates may not change {field} except from \"\" to valid")))
     return errors

@@ -225,3 +225,25 @@ def test_a_second_pass_before_the_watch_catches_up_deletes_nothing_more():
     asyncio.run(manager.sync())  # the same stale snapshot
     assert [call for call in client.calls if call[1] == "Pod"] == []
     assert ("create", "ReplicaSet", rs["metadata"]["name"]) not in client.calls
+
+
+def test_a_pass_on_a_stale_view_gives_no_cidr_twice():
+    """worker-2 registers first and gets 10.244.0.0/24; worker-1 (created earlier) appears before the
+    watch shows worker-2's CIDR: worker-2 keeps its CIDR and worker-1 gets the next one, not the same."""
+    import asyncio
+    worker2 = {"kind": "Node", "metadata": {"name": "worker-2", "creationTimestamp": "2026-01-01T00:00:02Z"}, "spec": {}}
+    worker1 = {"kind": "Node", "metadata": {"name": "worker-1", "creationTimestamp": "2026-01-01T00:00:01Z"}, "spec": {}}
+    view = FakeView({"Node": [worker2]})
+    client = RecordingClient()
+    manager = c.ControllerManager(client, view, c.Settings())
+    asyncio.run(manager.sync())
+    assert client.calls == [("patch", "Node", "worker-2")]
+    assert manager.unseen_cidrs(view.list("Node"), 0.0) == {"worker-2": "10.244.0.0/24"}
+    client.calls.clear()
+    view.objects["Node"] = [worker2, worker1]   # worker-2 still shown without its CIDR
+    actions = c.desired_actions({k: view.list(k) for k in c.KINDS}, c.Settings(), 0.0,
+                                assigned_cidrs=manager.unseen_cidrs(view.list("Node"), 0.0))
+    assert [(a.name, a.body["spec"]["podCIDR"]) for a in actions if a.kind == "Node"] == [("worker-1", "10.244.1.0/24")]
+    # once the watch shows it, the controller forgets its own note
+    worker2["spec"]["podCIDR"] = "10.244.0.0/24"
+    assert manager.unseen_cidrs(view.list("Node"), 0.0) == {}

@@ -183,6 +183,11 @@ def test_immutable_fields_on_update():
                                                                       labels={"app": "x"})))[0][0] == "spec.selector"
     pod = {"kind": "Pod", "spec": {"nodeName": "worker-1"}}
     assert validate_update(pod, {"kind": "Pod", "spec": {"nodeName": "worker-2"}})[0][0] == "spec.nodeName"
+    node = {"kind": "Node", "spec": {"podCIDR": "10.244.0.0/24", "podCIDRs": ["10.244.0.0/24"]}}
+    moved = {"kind": "Node", "spec": {"podCIDR": "10.244.1.0/24", "podCIDRs": ["10.244.1.0/24"]}}
+    assert [f for f, _ in validate_update(node, moved)] == ["spec.podCIDR", "spec.podCIDRs"]
+    assert validate_update({"kind": "Node", "spec": {}}, moved) == []   # from "" to valid: allowed
+    assert validate_update(node, node) == []
 
 
 def pod(**spec):
