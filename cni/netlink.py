@@ -4,9 +4,10 @@ Each `ip` exec costs 2-4 ms and pyroute2's import 0.3-0.5 s; a request here cost
 is the small part of rtnetlink the plugin uses (rtnetlink(7), linux/if_link.h, if_addr.h, rtnetlink.h):
 messages are built with struct, and each is acknowledged, so the caller knows exactly which step took
 effect; several may go in one write (Rtnl.requests: the kernel handles them in order and answers each),
-which saves a round trip per step of a plan. `Rtnl(netns_path)` opens a socket in another network namespace: the process
-enters it with setns(2) just long enough to create the socket (a netlink socket stays in the namespace
-it was made in), then returns. The plugin is a short-lived single-threaded process, so that is safe.
+which saves a round trip per step of a plan. `Rtnl(netns_path)` opens a socket in another network
+namespace: the process enters it with setns(2) just long enough to create the socket (a netlink socket
+stays in the namespace it was made in), then returns. The plugin is a short-lived single-threaded
+process (the node helper serves one request at a time), so that is safe.
 """
 import posix
 from _socket import AF_INET, AF_INET6, AF_NETLINK, SOCK_CLOEXEC, SOCK_RAW, socket
