@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import logging
+import time
 from dataclasses import dataclass
 
 log = logging.getLogger("lb-controller")
@@ -135,18 +136,22 @@ def _order(svc: dict) -> tuple:
     return (meta.get("creationTimestamp") or "", *key(svc))
 
 
-def allocate(services: list[dict], pool: Pool) -> list[StatusChange]:
+def allocate(services: list[dict], pool: Pool, given: dict[tuple[str, str], str] | None = None) -> list[StatusChange]:
     """The status changes that give each LoadBalancer Service one pool address.
 
     A Service keeps the address it has while that is still valid (in the pool, the one it asked
     for, not held by an older Service); the others get the address they ask for when free, else
     the lowest free one. A Service that stopped being a LoadBalancer gives its address back.
+    `given`: {(namespace, name): address} patched by this controller that `services` (a watch view)
+    does not show yet; such a Service counts as having it, so a pass on a stale view neither moves
+    its address nor hands it to another Service.
     """
+    given = given or {}
     ours = sorted((s for s in services if wants_address(s)), key=_order)
     used: set[str] = set()
     keeps: dict[tuple[str, str], str] = {}
     for svc in ours:  # first pass: who may keep what it has (oldest first wins a clash)
-        current = ingress_ips(svc)
+        current = [given[key(svc)]] if key(svc) in given else ingress_ips(svc)
         wanted = requested_ip(svc)
         if (len(current) == 1 and current[0] in pool and current[0] not in used
                 and wanted in ("", current[0])):
@@ -179,14 +184,32 @@ def allocate(services: list[dict], pool: Pool) -> list[StatusChange]:
 # ================================================================ shell: the controller daemon
 
 class Allocator:
+    GIVEN_TTL = 15.0   # seconds a patched address counts as given while the watch does not show it
+
     def __init__(self, client, view, pool: Pool):
         self.client, self.view, self.pool = client, view, pool
+        self.given: dict[tuple[str, str], tuple[str, float]] = {}   # key -> (address, until)
+
+    def unseen(self, services: list[dict], now: float) -> dict[tuple[str, str], str]:
+        """Addresses this process patched that the view does not show yet (a Service the view shows
+        with that address, or no longer lists, is settled; a note expires after GIVEN_TTL)."""
+        shown = {key(s): ingress_ips(s) for s in services}
+        for k, (ip, until) in list(self.given.items()):
+            if k not in shown or ip in shown[k] or now > until:
+                del self.given[k]
+        return {k: ip for k, (ip, _) in self.given.items()}
 
     async def sync(self) -> None:
         from netplane.client import APIError
         if not self.view.is_synced():
             return
-        for change in allocate(self.view.list("Service"), self.pool):
+        services = self.view.list("Service")
+        now = time.monotonic()
+        for change in allocate(services, self.pool, self.unseen(services, now)):
+            if change.ip:
+                self.given[(change.namespace, change.name)] = (change.ip, now + self.GIVEN_TTL)
+            else:
+                self.given.pop((change.namespace, change.name), None)
             try:
                 await self.client.patch("Service", change.name, change.patch(), change.namespace,
                                         subresource="status")

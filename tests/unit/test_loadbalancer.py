@@ -54,6 +54,46 @@ def test_a_service_keeps_its_address_and_nothing_is_patched():
     assert allocate([svc("a", ip="192.168.56.201"), svc("b", ip="192.168.56.200")], POOL) == []
 
 
+def test_a_pass_on_a_stale_view_neither_moves_nor_reuses_a_given_address():
+    """`a` was given .200 but the view does not show it yet when an older Service `old` turns into a
+    LoadBalancer: `a` keeps .200 and `old` gets .201 (without `given`, `old` would take .200 and `a`
+    be moved)."""
+    services = [svc("a", created="2025-01-02T00:00:00Z"), svc("old", created="2025-01-01T00:00:00Z")]
+    assert allocate(services, POOL)[0] == StatusChange("default", "old", "192.168.56.200", "allocated")
+    assert allocate(services, POOL, given={("default", "a"): "192.168.56.200"}) == [
+        StatusChange("default", "old", "192.168.56.201", "allocated")]
+
+
+def test_the_allocator_forgets_a_given_address_once_the_view_shows_it():
+    import asyncio
+    from netplane.loadbalancer import Allocator
+
+    class View:
+        services = [svc("a")]
+
+        def is_synced(self):
+            return True
+
+        def list(self, kind):
+            return list(self.services)
+
+    class Client:
+        def __init__(self):
+            self.patches = []
+
+        async def patch(self, kind, name, body, namespace=None, subresource=None):
+            self.patches.append((name, [i["ip"] for i in body["status"]["loadBalancer"]["ingress"]]))
+
+    view, client = View(), Client()
+    allocator = Allocator(client, view, POOL)
+    asyncio.run(allocator.sync())
+    asyncio.run(allocator.sync())   # the view still shows no address: nothing new is patched
+    assert client.patches == [("a", ["192.168.56.200"])]
+    assert allocator.unseen(view.list("Service"), 0.0) == {("default", "a"): "192.168.56.200"}
+    view.services = [svc("a", ip="192.168.56.200")]
+    assert allocator.unseen(view.list("Service"), 0.0) == {}
+
+
 def test_clash_the_older_service_keeps_the_address():
     older = svc("old", ip="192.168.56.200", created="2025-01-01T00:00:00Z")
     newer = svc("new", ip="192.168.56.200", created="2025-02-01T00:00:00Z")
