@@ -266,6 +266,29 @@ class ListingTracker:
         return changes
 
 
+class UnseenWrites:
+    """Values a controller has written that its watch view does not show yet, so that a pass on a
+    stale view does not hand them out again: key -> value, each kept until the view shows the key
+    with that value, no longer lists the key, or `ttl` seconds have passed."""
+
+    def __init__(self, ttl: float = 15.0):
+        self.ttl = ttl
+        self._notes: dict = {}   # key -> (value, until)
+
+    def note(self, key, value, now: float) -> None:
+        self._notes[key] = (value, now + self.ttl)
+
+    def forget(self, key) -> None:
+        self._notes.pop(key, None)
+
+    def unseen(self, shown: dict, now: float) -> dict:
+        """{key: value} still unseen; `shown`: key -> the values the view has for it now."""
+        for key, (value, until) in list(self._notes.items()):
+            if key not in shown or value in shown[key] or now > until:
+                del self._notes[key]
+        return {key: value for key, (value, _) in self._notes.items()}
+
+
 def tracker_for(view, kind: str):
     """The view's own change tracker for `kind`, or one that compares listings."""
     make = getattr(view, "tracker", None)

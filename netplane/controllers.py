@@ -390,11 +390,12 @@ KINDS = ("Deployment", "ReplicaSet", "Pod", "Service", "EndpointSlice", "Node")
 
 class ControllerManager:
     def __init__(self, client, view, settings: Settings):
+        from netplane.client import UnseenWrites   # the client (and aiohttp) only where it runs
         self.client = client
         self.view = view
         self.settings = settings
         self.expectations = Expectations()
-        self.assigned_cidrs: dict[str, tuple[str, float]] = {}   # node -> (CIDR, until), not yet seen
+        self.assigned_cidrs = UnseenWrites(self.expectations.ttl)   # node name -> the podCIDR it was given
 
     def snapshot(self) -> dict[str, list[dict]]:
         return {kind: self.view.list(kind) for kind in KINDS}
@@ -421,19 +422,15 @@ class ControllerManager:
             await self.apply(action)
 
     def unseen_cidrs(self, nodes: list[dict], now: float) -> dict[str, str]:
-        """{node: CIDR} given by this process that the watch does not show yet (for up to the
-        expectations' TTL; a node that is gone or shows a CIDR is settled)."""
-        shown = {n["metadata"]["name"]: (n.get("spec") or {}).get("podCIDR") for n in nodes}
-        for name, (_, until) in list(self.assigned_cidrs.items()):
-            if name not in shown or shown[name] or now > until:
-                del self.assigned_cidrs[name]
-        return {name: cidr for name, (cidr, _) in self.assigned_cidrs.items()}
+        """{node: CIDR} given by this process that the watch does not show yet."""
+        return self.assigned_cidrs.unseen({n["metadata"]["name"]: [(n.get("spec") or {}).get("podCIDR")]
+                                           for n in nodes}, now)
 
     def record_expectations(self, actions: list[Action], objects, now: float) -> None:
         for action in actions:
             cidr = (action.body or {}).get("spec", {}).get("podCIDR") if action.kind == "Node" else None
             if action.verb == "patch" and cidr:
-                self.assigned_cidrs[action.name] = (cidr, now + self.expectations.ttl)
+                self.assigned_cidrs.note(action.name, cidr, now)
         by_owner: dict[str, tuple[set, set]] = {}
         for action in actions:
             if action.kind != "Pod" or action.verb not in ("create", "delete"):

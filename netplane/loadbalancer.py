@@ -184,20 +184,14 @@ def allocate(services: list[dict], pool: Pool, given: dict[tuple[str, str], str]
 # ================================================================ shell: the controller daemon
 
 class Allocator:
-    GIVEN_TTL = 15.0   # seconds a patched address counts as given while the watch does not show it
-
     def __init__(self, client, view, pool: Pool):
+        from netplane.client import UnseenWrites
         self.client, self.view, self.pool = client, view, pool
-        self.given: dict[tuple[str, str], tuple[str, float]] = {}   # key -> (address, until)
+        self.given = UnseenWrites()   # (namespace, name) -> the address patched into its status
 
     def unseen(self, services: list[dict], now: float) -> dict[tuple[str, str], str]:
-        """Addresses this process patched that the view does not show yet (a Service the view shows
-        with that address, or no longer lists, is settled; a note expires after GIVEN_TTL)."""
-        shown = {key(s): ingress_ips(s) for s in services}
-        for k, (ip, until) in list(self.given.items()):
-            if k not in shown or ip in shown[k] or now > until:
-                del self.given[k]
-        return {k: ip for k, (ip, _) in self.given.items()}
+        """Addresses this process patched that the view does not show yet."""
+        return self.given.unseen({key(s): ingress_ips(s) for s in services}, now)
 
     async def sync(self) -> None:
         from netplane.client import APIError
@@ -207,9 +201,9 @@ class Allocator:
         now = time.monotonic()
         for change in allocate(services, self.pool, self.unseen(services, now)):
             if change.ip:
-                self.given[(change.namespace, change.name)] = (change.ip, now + self.GIVEN_TTL)
+                self.given.note((change.namespace, change.name), change.ip, now)
             else:
-                self.given.pop((change.namespace, change.name), None)
+                self.given.forget((change.namespace, change.name))
             try:
                 await self.client.patch("Service", change.name, change.patch(), change.namespace,
                                         subresource="status")

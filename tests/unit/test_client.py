@@ -157,3 +157,18 @@ def test_file_view_and_resolve_server(tmp_path, monkeypatch):
     assert resolve_server("http://x:1/") == "http://x:1"
     with pytest.raises(APIError):
         resolve_server(None, str(tmp_path / "nope"))
+
+
+def test_unseen_writes_last_until_shown_gone_or_expired():
+    from netplane.client import UnseenWrites
+    writes = UnseenWrites(ttl=10.0)
+    writes.note("a", "10.244.0.0/24", now=0.0)
+    writes.note("b", "10.244.1.0/24", now=0.0)
+    writes.note("c", "10.244.2.0/24", now=0.0)
+    assert writes.unseen({"a": [None], "b": [None], "c": [None]}, now=1.0) == {
+        "a": "10.244.0.0/24", "b": "10.244.1.0/24", "c": "10.244.2.0/24"}
+    assert writes.unseen({"a": ["10.244.0.0/24"], "b": [None]}, now=2.0) == {"b": "10.244.1.0/24"}  # a shown, c gone
+    assert writes.unseen({"b": [None]}, now=11.0) == {}   # expired
+    writes.note("d", "x", now=0.0)
+    writes.forget("d")
+    assert writes.unseen({"d": []}, now=0.0) == {}
