@@ -407,22 +407,38 @@ class NetnsFd:
         posix.close(self.fd)
 
 
-def _socket_in(netns_fd: int):
-    """A netlink socket made inside the namespace `netns_fd`; the process returns to its own."""
-    home = posix.open("/proc/self/ns/net", posix.O_RDONLY | posix.O_CLOEXEC)
-    try:
-        setns(netns_fd)
+class InNamespace:
+    """`with InNamespace(fd):` the calling thread in the network namespace `fd` refers to, and back
+    in its own after the block. A thread that cannot get back would act in the wrong namespace from
+    then on (even an undo), so the process stops instead."""
+
+    def __init__(self, netns_fd: int):
+        self.netns_fd = netns_fd
+        self.home = -1
+
+    def __enter__(self) -> "InNamespace":
+        self.home = posix.open("/proc/thread-self/ns/net", posix.O_RDONLY | posix.O_CLOEXEC)
         try:
-            return _open_socket()
+            setns(self.netns_fd)
+        except BaseException:
+            posix.close(self.home)
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            setns(self.home)
+        except NetlinkError as e:
+            posix.write(2, f"netplane: cannot return to this thread's network namespace: {e}\n".encode())
+            posix._exit(1)
         finally:
-            try:
-                setns(home)
-            except NetlinkError as e:
-                # Still in the pod's namespace: nothing more may run here, not even an undo.
-                posix.write(2, f"netplane-cni: cannot return to the node's network namespace: {e}\n".encode())
-                posix._exit(1)
-    finally:
-        posix.close(home)
+            posix.close(self.home)
+
+
+def _socket_in(netns_fd: int):
+    """A netlink socket made inside the namespace `netns_fd` (it stays there); the thread returns."""
+    with InNamespace(netns_fd):
+        return _open_socket()
 
 
 _setns_function = None
@@ -430,7 +446,7 @@ _setns_function = None
 
 def setns(fd: int) -> None:
     """setns(fd, CLONE_NEWNET) for the calling thread, through libc (os.setns is Python 3.12+;
-    ctypes itself costs ~3 ms of imports, the _ctypes core ~0.4 ms). netns.inside uses it too."""
+    ctypes itself costs ~3 ms of imports, the _ctypes core ~0.4 ms). Used through InNamespace."""
     global _setns_function
     if _setns_function is None:
         import _ctypes

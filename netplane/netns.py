@@ -61,25 +61,13 @@ def inside(netns: str | None) -> Iterator[None]:
     if not netns:
         yield
         return
-    from netplane.cni.netlink import setns
-    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    from netplane.cni.netlink import InNamespace
+    target = os.open(os.path.join(NETNS_DIR, netns), os.O_RDONLY | os.O_CLOEXEC)
     try:
-        target = os.open(os.path.join(NETNS_DIR, netns), os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            setns(target)
-        finally:
-            os.close(target)
-        try:
+        with InNamespace(target):
             yield
-        finally:
-            try:
-                setns(home)
-            except OSError as err:
-                # A thread left in another namespace would act there from now on: stop instead.
-                os.write(2, f"netplane: cannot return to this thread's network namespace: {err}\n".encode())
-                os._exit(1)
     finally:
-        os.close(home)
+        os.close(target)
 
 
 def exists(netns: str) -> bool:
