@@ -47,6 +47,10 @@ _HEADER = "IHHII"     # nlmsghdr: length, type, flags, sequence, port
 _IFINFO = "BxHiII"    # ifinfomsg: family, type, index, flags, change
 _IFADDR = "BBBBI"     # ifaddrmsg: family, prefix length, flags, scope, index
 _RTMSG = "BBBBBBBBI"  # rtmsg: family, dst len, src len, tos, table, protocol, scope, type, flags
+# Large enough for any message the kernel sends us (a dump's parts are at most 32 KiB), and under
+# malloc's mmap threshold (128 KiB): a bigger buffer costs an mmap, a page fault, an mremap and a
+# munmap on every receive.
+_RECEIVE_SIZE = 1 << 16
 
 
 class NetlinkError(OSError):
@@ -146,7 +150,7 @@ class Rtnl:
         outcomes = [None] * len(messages)
         waiting = len(messages)
         while waiting:
-            data = self.sock.recv(1 << 17)
+            data = self.sock.recv(_RECEIVE_SIZE)
             offset = 0
             while offset + 16 <= len(data):
                 length, kind, msg_flags, seq, _ = unpack_from(_HEADER, data, offset)
@@ -351,7 +355,7 @@ def delete_link_detached(rtnl: Rtnl, index: int) -> None:
 
 def _announces_deletion(listener, index: int, rtnl: Rtnl) -> bool:
     try:
-        data = listener.recv(1 << 17)
+        data = listener.recv(_RECEIVE_SIZE)
     except OSError:   # ENOBUFS: events were lost; ask instead
         return rtnl.link(index=index) is None
     offset = 0
