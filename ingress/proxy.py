@@ -198,8 +198,10 @@ class Proxy:
         return None
 
     def give_back(self, conn: UpstreamConnection) -> None:
-        pool = self.pools.setdefault(conn.endpoint, [])
-        if len(pool) >= self.settings.pool_size:
+        pool = self.pools.get(conn.endpoint)
+        if pool is None:
+            pool = self.pools[conn.endpoint] = []
+        elif len(pool) >= self.settings.pool_size:
             conn.close()
             return
         conn.idle_since = self.loop.time()
@@ -257,7 +259,7 @@ class Exchange:
 
     __slots__ = ("head_size", "method", "url", "version", "keep_alive", "host", "host_count", "head_parts",
                  "conn_tokens", "upgrade", "content_length", "chunked", "body_size", "pending",
-                 "pending_size", "retained", "request_done", "response_started", "response_done",
+                 "pending_size", "retained", "retained_size", "request_done", "response_started", "response_done",
                  "draining", "upstream", "route", "endpoint", "tried", "status", "bytes_out",
                  "started", "client_chunked", "close_after", "path", "head_sent")
 
@@ -278,6 +280,7 @@ class Exchange:
         self.pending: list[bytes] = []      # request bytes waiting for the upstream connection
         self.pending_size = 0
         self.retained: list[bytes] | None = []   # what was sent upstream, while small (for a retry)
+        self.retained_size = 0
         self.request_done = False
         self.response_started = False
         self.response_done = False
@@ -300,6 +303,7 @@ class ClientConnection(asyncio.Protocol):
 
     def __init__(self, proxy: Proxy, scheme: bytes = b"http", port: int = 80):
         self.proxy = proxy
+        self.loop = proxy.loop
         self.settings = proxy.settings
         self.scheme = scheme
         self.port = port
@@ -334,7 +338,7 @@ class ClientConnection(asyncio.Protocol):
         ip = self.client_ip.encode()
         self.forwarded = (b"X-Forwarded-For: %s\r\nX-Real-IP: %s\r\nX-Forwarded-Proto: %s\r\n"
                           b"X-Forwarded-Port: %d\r\n" % (ip, ip, self.scheme, self.port))
-        self.last_activity = self.proxy.loop.time()
+        self.last_activity = self.loop.time()
         self.proxy.clients.add(self)
         self.proxy.stats.open_connections += 1
 
@@ -350,7 +354,7 @@ class ClientConnection(asyncio.Protocol):
         self.queue.clear()
 
     def data_received(self, data: bytes):
-        self.last_activity = self.proxy.loop.time()
+        self.last_activity = self.loop.time()
         if self.lingering:
             self.lingered += len(data)
             if self.lingered > _LINGER_BYTES:
@@ -361,7 +365,9 @@ class ClientConnection(asyncio.Protocol):
             return
         if not self.in_body:
             self.head_bytes += len(data)
-        self.begin_batch()
+        outer = self.batch is None
+        if outer:
+            self.batch = []   # writes collect here: a response head and body go out in one send
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
@@ -380,7 +386,8 @@ class ClientConnection(asyncio.Protocol):
             if not self.in_body and self.head_bytes > self.settings.max_header_bytes + 65536:
                 self.fail(431, "request header section too large")
         finally:
-            self.flush()
+            if outer:
+                self.flush()
 
     def pause_writing(self):
         self.write_paused = True
@@ -423,7 +430,7 @@ class ClientConnection(asyncio.Protocol):
             if not self.pause_reasons and not self.closed:
                 self.transport.resume_reading()
                 # The body timeout did not run while we held the client; it starts again from now.
-                self.last_activity = self.proxy.loop.time()
+                self.last_activity = self.loop.time()
 
     # -- httptools callbacks (request)
     def on_message_begin(self):
@@ -518,7 +525,8 @@ class ClientConnection(asyncio.Protocol):
             name = normalise_host(ex.host.decode("latin-1"))
             if proxy.table.certificate_for(name) is not None:
                 return self.redirect(ex, name, proxy.ssl_redirect_port)
-        route = ex.route = proxy.route(ex.host, ex.path)
+        route = proxy.route_cache.get((ex.host, ex.path)) or proxy.route(ex.host, ex.path)
+        ex.route = route
         backend = route.backend
         if backend is None:
             return self.respond(ex, route.status, route.reason)
@@ -541,25 +549,33 @@ class ClientConnection(asyncio.Protocol):
 
     def connect(self, ex: Exchange, timed_out: bool = False):
         backend = ex.route.backend
-        endpoint = self.proxy.pick_endpoint(backend, ex.tried)
-        if endpoint is None or len(ex.tried) >= self.settings.connect_tries:
+        tried = ex.tried
+        endpoints = backend.endpoints
+        if len(endpoints) == 1 and not tried:   # the common case: no round-robin, nothing to avoid
+            endpoint = endpoints[0]
+        else:
+            endpoint = self.proxy.pick_endpoint(backend, tried)
+        if endpoint is None or len(tried) >= self.settings.connect_tries:
             if timed_out:   # the last try timed out: a gateway timeout, as nginx answers
                 return self.respond(ex, 504, "no endpoint of %s accepted a connection in %gs"
                                     % (backend.service, self.settings.connect_timeout))
             return self.respond(ex, 502, "no endpoint of %s accepted a connection" % backend.service)
-        ex.tried.add(endpoint)
+        tried.add(endpoint)
         ex.endpoint = endpoint
-        conn = self.proxy.take_idle(endpoint)
-        if conn is not None:
-            self.attach(ex, conn)
-        else:
-            self.proxy.loop.create_task(self._open(ex, endpoint))
+        proxy = self.proxy
+        pool = proxy.pools.get(endpoint)
+        while pool:
+            conn = pool.pop()
+            if not conn.closed:
+                proxy.stats.upstream_reused += 1
+                return self.attach(ex, conn)
+        self.loop.create_task(self._open(ex, endpoint))
 
     async def _open(self, ex: Exchange, endpoint: Endpoint):
         stats = self.proxy.stats
         stats.upstream_connects += 1
         try:
-            _, conn = await asyncio.wait_for(self.proxy.loop.create_connection(
+            _, conn = await asyncio.wait_for(self.loop.create_connection(
                 lambda: UpstreamConnection(self.proxy, endpoint), endpoint.address, endpoint.port),
                 self.settings.connect_timeout)
         except (OSError, asyncio.TimeoutError) as err:
@@ -580,7 +596,12 @@ class ClientConnection(asyncio.Protocol):
         conn.begin(self, ex)
         head = self._request_head(ex)
         ex.head_sent = True
-        self._write_upstream(ex, head)
+        if len(head) <= _RETAIN_LIMIT:
+            ex.retained = [head]
+            ex.retained_size = len(head)
+        else:
+            ex.retained = None
+        conn.transport.write(head)
         if ex.pending:
             pending, ex.pending, ex.pending_size = ex.pending, [], 0
             for chunk in pending:
@@ -619,8 +640,10 @@ class ClientConnection(asyncio.Protocol):
     def _write_upstream(self, ex: Exchange, data: bytes):
         retained = ex.retained
         if retained is not None:
-            if sum(map(len, retained)) + len(data) <= _RETAIN_LIMIT:
+            size = ex.retained_size + len(data)
+            if size <= _RETAIN_LIMIT:
                 retained.append(data)
+                ex.retained_size = size
             else:
                 ex.retained = None
         ex.upstream.transport.write(data)
@@ -637,12 +660,12 @@ class ClientConnection(asyncio.Protocol):
         if retry:   # a pooled connection the server had closed: try once more on a new one
             self.proxy.stats.retries += 1
             resend = ex.retained
-            ex.retained = []
+            ex.retained, ex.retained_size = [], 0
             ex.head_sent = False
             ex.pending = resend[1:] + ex.pending
             ex.pending_size = sum(map(len, ex.pending))
             ex.tried.discard(ex.endpoint)
-            return self.proxy.loop.create_task(self._open(ex, ex.endpoint))
+            return self.loop.create_task(self._open(ex, ex.endpoint))
         self.respond(ex, 502, f"upstream {ex.endpoint} {why}")
 
     # -- responses
@@ -680,11 +703,6 @@ class ClientConnection(asyncio.Protocol):
             self.batch.append(data)
         elif not self.closed:
             self.transport.write(data)
-
-    def begin_batch(self):
-        """Collect writes until flush(): a response head and body go out in one send."""
-        if self.batch is None:
-            self.batch = []
 
     def flush(self):
         batch = self.batch
@@ -785,7 +803,7 @@ class ClientConnection(asyncio.Protocol):
     # -- deadlines and closing
     def _watch_send(self):
         """Start the send timeout: from now on the client must keep taking our bytes."""
-        self.send_since = self.proxy.loop.time()
+        self.send_since = self.loop.time()
         self.send_mark = self.transport.get_write_buffer_size()
 
     def check_deadline(self, now: float):
@@ -851,7 +869,7 @@ class ClientConnection(asyncio.Protocol):
             self.transport.write_eof()
         self.pause_reasons.clear()
         self.transport.resume_reading()
-        self.proxy.loop.call_later(_LINGER_SECONDS, self.abort)
+        self.loop.call_later(_LINGER_SECONDS, self.abort)
 
     def abort(self):
         if self.transport is not None and not self.closed:
@@ -866,6 +884,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def __init__(self, proxy: Proxy, endpoint: Endpoint):
         self.proxy = proxy
+        self.loop = proxy.loop
         self.endpoint = endpoint
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
@@ -889,7 +908,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.client = client
         self.ex = ex
         self.reusable = True
-        self.last_activity = self.proxy.loop.time()
+        self.last_activity = self.loop.time()
         if client.write_paused:   # the client is not taking what we have: read its answer later
             self.pause_reading()
         else:
@@ -915,14 +934,16 @@ class UpstreamConnection(asyncio.Protocol):
             client.upstream_failed(ex, self, "closed the connection" if exc is None else str(exc))
 
     def data_received(self, data: bytes):
-        self.last_activity = self.proxy.loop.time()
+        self.last_activity = self.loop.time()
         if self.tunnel:
             self.client.write(data)
             return
         if self.ex is None:   # bytes while idle: the server is confused; do not reuse
             return self.close()
         client = self.client
-        client.begin_batch()
+        outer = client.batch is None
+        if outer:
+            client.batch = []
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
@@ -938,7 +959,8 @@ class UpstreamConnection(asyncio.Protocol):
                 else:
                     client.respond(ex, 502, f"bad response from {self.endpoint}: {err}")
         finally:
-            client.flush()
+            if outer:
+                client.flush()
 
     def pause_writing(self):
         if self.client is not None:
