@@ -4,7 +4,8 @@ backends (`netplane echo` processes and small in-test servers), real sockets. No
 Covers routing by host and path (the conformance path table over the wire), 404, 503, keep-alive,
 round-robin, forwarding headers, hop-by-hop removal, the Server header, pipelining, chunked streaming
 both ways, smuggling inputs, 431, 413 (Content-Length and chunked), 502, 504, retry on another
-endpoint, upstream connect timeout, slow clients (header, send timeouts), WebSocket upgrade, TLS by
+endpoint, a request sent again when its pooled upstream connection turns out closed (only when
+idempotent and small enough to have been kept), upstream connect timeout, slow clients (header, send timeouts), WebSocket upgrade, TLS by
 SNI, the HTTP to HTTPS redirect and --workers with SO_REUSEPORT.
 """
 from __future__ import annotations
@@ -992,3 +993,62 @@ def test_connect_timeout_moves_on_to_another_endpoint(strict):
         took.append(time.monotonic() - started)
         assert status == 200 and pod_of(body) == "pod-a"
     assert STRICT_CONNECT_TIMEOUT - 0.1 < max(took) < STRICT_CONNECT_TIMEOUT + 1.5, took
+
+
+# ------------------------------------------------------------------------------ stale pooled connections
+
+class ClosesWhenReused(socketserver.BaseRequestHandler):
+    """Answers the first request of each connection (keep-alive, the body length in the answer); reads
+    the second one whole and closes without a word, as a server whose keep-alive timeout fired just as
+    the request came. Every request it read goes into `server.seen` as (path, body length)."""
+
+    def handle(self):
+        f = self.request.makefile("rb")
+        for answered in (True, False):
+            try:
+                head = read_head(f)
+            except EOFError:
+                return
+            path = head.split(b" ", 2)[1].decode()
+            length = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
+            body = f.read(int(length.group(1))) if length else b""
+            self.server.seen.append((path, len(body)))
+            if answered:
+                data = b"%s %d" % (path.encode(), len(body))
+                self.request.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(data), data))
+
+
+@pytest.fixture(scope="module")
+def stale(world):
+    server = start_backend("stale", ClosesWhenReused)
+    world.servers.append(server)
+    objects = svc_objects("stale", [server.server_address[1]]) + [{
+        "apiVersion": "networking.k8s.io/v1", "kind": "Ingress", "metadata": {"name": "stale", "namespace": "default"},
+        "spec": {"rules": [rule("stale.test", [("/", "Prefix", "stale")])]}}]
+    ports = world.ingress(objects, "--no-access-log")
+    return SimpleNamespace(port=ports["http"], seen=server.seen)
+
+
+def _on_a_pooled_connection(stale, method: str, path: str, body: bytes | None = None):
+    """A first request leaves an idle upstream connection in the pool; the second (method, path,
+    body) is sent on it, where the backend closes without answering."""
+    status, _, _ = get(stale, "stale.test", f"/warm{path}")
+    assert status == 200
+    del stale.seen[:]
+    return get(stale, "stale.test", path, method=method, body=body)
+
+
+@pytest.mark.parametrize("method,size", [("GET", 0), ("PUT", 1000)])
+def test_idempotent_request_on_a_stale_pooled_connection_is_sent_again_on_a_new_one(stale, method, size):
+    body = b"p" * size if size else None
+    status, text, _ = _on_a_pooled_connection(stale, method, f"/again-{method}", body)
+    assert status == 200 and text == f"/again-{method} {size}"   # the retry carried the whole body
+    assert stale.seen == [(f"/again-{method}", size)] * 2
+
+
+@pytest.mark.parametrize("method,size,why", [("POST", 10, "not idempotent"),
+                                              ("PUT", 100 << 10, "too big to keep a copy of")])
+def test_request_that_cannot_be_sent_again_gets_502(stale, method, size, why):
+    status, text, _ = _on_a_pooled_connection(stale, method, f"/once-{size}", b"q" * size)
+    assert status == 502 and "closed the connection" in text, (why, text)
+    assert stale.seen == [(f"/once-{size}", size)], why   # sent once, never again
