@@ -4,7 +4,8 @@ backends (`netplane echo` processes and small in-test servers), real sockets. No
 Covers routing by host and path (the conformance path table over the wire), 404, 503, keep-alive,
 round-robin, forwarding headers, hop-by-hop removal, the Server header, pipelining, chunked streaming
 both ways, smuggling inputs, 431, 413 (Content-Length and chunked), 502, 504, retry on another
-endpoint, a request sent again when its pooled upstream connection turns out closed (only when
+endpoint, Expect: 100-continue, HTTP/1.0 clients (keep-alive, no chunked coding, no Host),
+absolute-form targets, a request sent again when its pooled upstream connection turns out closed (only when
 idempotent and small enough to have been kept), upstream connect timeout, slow clients (header, send timeouts), WebSocket upgrade, TLS by
 SNI, the HTTP to HTTPS redirect and --workers with SO_REUSEPORT.
 """
@@ -583,6 +584,60 @@ def test_head_response_has_no_body(world):
     first, _, rest = out.partition(b"\r\n\r\n")
     assert first.startswith(b"HTTP/1.1 200") and b"Content-Length:" in first
     assert rest.startswith(b"HTTP/1.1 200") and b'"/after"' in rest
+
+
+def test_expect_100_continue_passes_the_interim_response_before_the_body(world):
+    with socket.create_connection(("127.0.0.1", world.port), timeout=10) as s:
+        s.sendall(b"POST /expect HTTP/1.1\r\nHost: hdr.test\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n")
+        f = s.makefile("rb")
+        interim = read_head(f)   # the backend's 100, passed on before the client has sent its body
+        assert interim.startswith(b"HTTP/1.1 100 "), interim
+        s.sendall(b"hello")
+        head = read_head(f)
+        length = int(re.search(rb"(?i)\r\ncontent-length: *(\d+)", head).group(1))
+        assert head.startswith(b"HTTP/1.1 200 ") and json.loads(f.read(length))["body_len"] == 5
+
+
+def _response_parts(out: bytes) -> tuple[bytes, bytes]:
+    head, _, body = out.partition(b"\r\n\r\n")
+    return head, body
+
+
+def test_http_1_0_client_gets_an_answer_and_the_connection_closed(world):
+    out = raw(world, b"GET /ten HTTP/1.0\r\nHost: hdr.test\r\n\r\n")   # read until the proxy closes
+    head, body = _response_parts(out)
+    assert head.startswith(b"HTTP/1.1 200 ") and b"\r\nConnection: close" in head
+    assert json.loads(body)["path"] == "/ten"
+
+
+def test_http_1_0_keep_alive_is_honoured(world):
+    with socket.create_connection(("127.0.0.1", world.port), timeout=10) as s:
+        for path in (b"/ka1", b"/ka2"):
+            s.sendall(b"GET %s HTTP/1.0\r\nHost: hdr.test\r\nConnection: keep-alive\r\n\r\n" % path)
+            head, body, _ = get_response(s)
+            assert b"\r\nConnection: keep-alive" in head and json.loads(body)["path"] == path.decode()
+
+
+def test_chunked_upstream_answer_to_an_http_1_0_client_ends_with_the_connection(world):
+    """HTTP/1.0 has no chunked coding: the body is sent as is and its end is the connection's end."""
+    out = raw(world, b"GET /chunked-response HTTP/1.0\r\nHost: hdr.test\r\n\r\n")
+    head, body = _response_parts(out)
+    assert head.startswith(b"HTTP/1.1 200 ") and b"transfer-encoding" not in head.lower()
+    assert b"\r\nConnection: close" in head and json.loads(body)["path"] == "/chunked-response"
+
+
+def test_http_1_0_request_without_host_is_routed_as_no_host(world):
+    out = raw(world, b"GET / HTTP/1.0\r\n\r\n")   # allowed in 1.0; no rule matches an empty host here
+    assert out.startswith(b"HTTP/1.1 404 "), out[:100]
+
+
+def test_absolute_form_target_is_routed_by_its_authority(world):
+    out = raw(world, b"GET http://hdr.test:8080/abs?q=1 HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n")
+    head, body = _response_parts(out)
+    assert head.startswith(b"HTTP/1.1 200 "), head
+    seen = json.loads(body)
+    headers = {k.lower(): v for k, v in seen["headers"]}
+    assert seen["path"] == "/abs?q=1" and headers["host"] == "hdr.test:8080"   # origin form upstream
 
 
 # ------------------------------------------------------------------------------ safety
