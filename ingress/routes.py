@@ -16,6 +16,11 @@ Matching follows Ingress v1 (networking.k8s.io/v1):
 - Precedence among matching paths: the longest wins (an Exact match is the whole path, so it beats
   every Prefix); for the same normalised prefix the longer written path (`/foo/` over `/foo`), then
   the oldest Ingress (creationTimestamp), then namespace/name, then rule order.
+- The request path is matched normalised (normalise_path: percent-encoded unreserved characters
+  decoded, dot-segments resolved, repeated slashes merged), as nginx matches its locations, so
+  `/api/../admin` is matched as `/admin`; the request goes upstream exactly as it came. Rules are
+  normalised already: an Exact or Prefix path with `//`, `/./`, `/../`, `%2f` or a trailing `/.`
+  or `/..` is refused, as the Kubernetes API refuses it.
 - No match: the `spec.defaultBackend` of the oldest Ingress that has one, else 404.
 - A matched backend whose Service is missing, whose port does not resolve, or which has no ready
   endpoint answers 503; it never falls through to a shorter path.
@@ -24,8 +29,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 from dataclasses import dataclass, field
 from typing import Iterable, NamedTuple
+
+from netplane.validation import invalid_ingress_path
 
 OUR_CLASS = "netplane"
 OUR_CONTROLLER = "netplane.io/ingress"
@@ -142,7 +150,7 @@ class RouteTable:
     def route(self, host: str, path: str) -> Route:
         """`host`: the raw Host header (port and case are handled here); `path`: the path only."""
         vhost = self.vhost_for(normalise_host(host))
-        found = vhost.match(path) if vhost is not None else None
+        found = vhost.match(normalise_path(path)) if vhost is not None else None
         return found if found is not None else self.default_route
 
     def certificate_for(self, server_name: str) -> TlsCertificate | None:
@@ -153,6 +161,39 @@ class RouteTable:
             if dot > 0:
                 cert = self.certificates.get("*" + name[dot:])
         return cert
+
+
+_UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+_PERCENT = re.compile(r"%([0-9A-Fa-f]{2})")
+
+
+def normalise_path(path: str) -> str:
+    """The path a request is matched by (RFC 3986 6.2.2 and 5.2.4, with slashes merged):
+    '/a/./b/../c' -> '/a/c', '//a//b' -> '/a/b', '/%61pi' -> '/api', '/a/%2e%2e/b' -> '/b'.
+    Reserved characters stay encoded ('%2F' is not a '/'), with their hex digits upper-cased."""
+    if "#" in path:
+        path = path[:path.index("#")]   # a fragment is never part of the path (clients should not send one)
+    if "%" in path:
+        path = _PERCENT.sub(_decode_unreserved, path)
+    if "/." not in path and "//" not in path:
+        return path   # nothing to resolve: the common case
+    if not path.startswith("/"):
+        return path   # '*' (OPTIONS *) and the like: no segments
+    segments: list[str] = []
+    parts = path.split("/")
+    for segment in parts[1:]:
+        if segment == "..":
+            if segments:
+                segments.pop()
+        elif segment and segment != ".":
+            segments.append(segment)
+    ends_in_slash = parts[-1] in ("", ".", "..")
+    return "/" + "/".join(segments) + ("/" if ends_in_slash and segments else "")
+
+
+def _decode_unreserved(match: re.Match) -> str:
+    char = chr(int(match.group(1), 16))
+    return char if char in _UNRESERVED else "%" + match.group(1).upper()
 
 
 def normalise_host(host: str) -> str:
@@ -379,10 +420,14 @@ def _path_rule(p: dict, namespace: str, ref: str, index: _ServiceIndex, order: t
         return f"{where}.pathType: {path_type!r} is not one of {', '.join(PATH_TYPES)}"
     if not path.startswith("/"):
         return f"{where}.path: {path!r} must start with '/'"
+    reason = invalid_ingress_path(path) if path_type != "ImplementationSpecific" else None
+    if reason:
+        return f"{where}.path: {path!r} {reason}"
     backend = _backend(p.get("backend") or {}, namespace, index)
     if isinstance(backend, str):
         return f"{where}.backend: {backend}"
-    return _PathRule(path, path_type, Route(backend, ingress=ref, path=path), order)
+    # Matched as requests are: a rule written '/%61pi' is the rule '/api'.
+    return _PathRule(normalise_path(path), path_type, Route(backend, ingress=ref, path=path), order)
 
 
 def _vhost(rules: list[_PathRule]) -> VirtualHost:

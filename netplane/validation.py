@@ -484,6 +484,23 @@ def _valid_host(host) -> bool:
     return _matches(DNS1123_SUBDOMAIN, host, 253) or _matches(WILDCARD_SUBDOMAIN, host, 253)
 
 
+# What the API refuses in an Exact or Prefix path: the ways of spelling one path as another.
+_INVALID_PATH_SEQUENCES = ("//", "/./", "/../", "%2f", "%2F")
+_INVALID_PATH_SUFFIXES = ("/..", "/.")
+
+
+def invalid_ingress_path(path: str) -> str | None:
+    """Why an Exact or Prefix Ingress path is refused, in Kubernetes' words, or None. (The ingress
+    proxy also skips such a rule in a standalone objects file, which never passes through the API.)"""
+    for sequence in _INVALID_PATH_SEQUENCES:
+        if sequence in path:
+            return f"must not contain '{sequence}'"
+    for suffix in _INVALID_PATH_SUFFIXES:
+        if path.endswith(suffix):
+            return f"cannot end with '{suffix}'"
+    return None
+
+
 def _validate_ingress_rule(rule: dict, path: str, errors: list) -> None:
     host = rule.get("host")
     if host and not _valid_host(host):
@@ -504,7 +521,12 @@ def _validate_ingress_rule(rule: dict, path: str, errors: list) -> None:
         elif path_type not in PATH_TYPES:
             errors.append((f"{item_path}.pathType", unsupported(path_type, PATH_TYPES)))
         value = item.get("path")
-        if path_type in ("Exact", "Prefix") and not (isinstance(value, str) and value.startswith("/")):
+        if path_type in ("Exact", "Prefix"):
+            if not (isinstance(value, str) and value.startswith("/")):
+                errors.append((f"{item_path}.path", invalid(value, "must be an absolute path")))
+            elif invalid_ingress_path(value):
+                errors.append((f"{item_path}.path", invalid(value, invalid_ingress_path(value))))
+        elif value and not (isinstance(value, str) and value.startswith("/")):
             errors.append((f"{item_path}.path", invalid(value, "must be an absolute path")))
         if "backend" not in item:
             errors.append((f"{item_path}.backend", required()))

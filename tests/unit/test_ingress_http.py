@@ -379,6 +379,14 @@ def test_conformance_path_and_host_rules_over_http(world, host, path, expected):
         assert status == 200 and json.loads(body)["backend"] == expected
 
 
+@pytest.mark.parametrize("path,expected", [
+    ("/aaa/bbb/../ccc", "aaa-prefix"), ("/aaa/%2e%2e/foo/x", "foo-prefix"), ("/aaa//bbb/x", "aaa-slash-bbb-prefix")])
+def test_paths_are_matched_normalised_and_sent_upstream_as_they_came(world, path, expected):
+    out = raw(world, b"GET %s HTTP/1.1\r\nHost: prefix-path-rules\r\nConnection: close\r\n\r\n" % path.encode())
+    seen = json.loads(out.partition(b"\r\n\r\n")[2])
+    assert seen["backend"] == expected and seen["path"] == path
+
+
 @pytest.mark.parametrize("method", ["GET", "POST", "PUT", "DELETE", "PATCH"])
 def test_methods_pass_unchanged(world, method):
     status, body, _ = get(world, "hdr.test", "/m?q=1", method=method, body=b"x" if method != "GET" else None)

@@ -7,7 +7,7 @@ import base64
 import pytest
 
 from netplane.ingress.routes import (ClassPolicy, Endpoint, Objects, build_table, normalise_host,
-                                     prefix_matches)
+                                     normalise_path, prefix_matches)
 
 
 # ------------------------------------------------------------------------------ object builders
@@ -124,6 +124,36 @@ def test_query_is_not_part_of_the_path_the_shell_passes():
     # the shell passes the path before '?': the table sees '/foo'
     table = build_table(world([ingress("ing", [(None, [path("/foo", "foo", "Exact")])])], ["foo"]))
     assert served_by(table, "h", "/foo") == "foo"
+
+
+@pytest.mark.parametrize("raw,matched", [
+    ("/", "/"), ("/foo", "/foo"), ("/foo/", "/foo/"), ("/a/./b/../c", "/a/c"), ("/a/b/c/./../../g", "/a/g"),
+    ("//a//b", "/a/b"), ("/a/..", "/"), ("/..", "/"), ("/../../x", "/x"), ("/a/.", "/a/"), ("/.well-known/x", "/.well-known/x"),
+    ("/%61pi/%7Euser", "/api/~user"), ("/a/%2e%2e/b", "/b"), ("/a%2fb", "/a%2Fb"), ("/a%2Fb/../c", "/c"),
+    ("/caf%C3%A9", "/caf%C3%A9"), ("/x#frag", "/x"), ("*", "*")])
+def test_request_paths_are_matched_normalised(raw, matched):
+    assert normalise_path(raw) == matched
+
+
+def test_a_backend_is_not_reached_outside_its_paths_by_spelling():
+    table = build_table(world([ingress("ing", [("h", [path("/api", "api"), path("/", "web"),
+                                                      path("/admin", "admin", "Exact")])])], ["api", "web", "admin"]))
+    assert served_by(table, "h", "/api/../secret") == "web"    # a backend resolving '..' would serve /secret
+    assert served_by(table, "h", "/api/%2e%2e/secret") == "web"
+    assert served_by(table, "h", "/static//api/x") == "web"
+    assert served_by(table, "h", "//api//v1") == "api"
+    assert served_by(table, "h", "/x/../admin") == "admin"
+    assert served_by(table, "h", "/%61pi") == "api"
+    assert served_by(table, "h", "/api%2Fx") == "web"         # an encoded '/' separates no segments
+
+
+def test_rules_are_normalised_like_requests_and_ones_the_api_refuses_are_skipped():
+    table = build_table(world([ingress("ing", [("h", [path("/%61pi", "api"), path("/a//b", "web"),
+                                                      path("/x/..", "web", "Exact")])])], ["api", "web"]))
+    assert served_by(table, "h", "/api/v1") == "api"
+    assert served_by(table, "h", "/a/b") == 404
+    assert [p for p in table.problems if "paths[1].path" in p and "must not contain '//'" in p]
+    assert [p for p in table.problems if "paths[2].path" in p and "cannot end with '/..'" in p]
 
 
 # ------------------------------------------------------------------------------ conformance scenarios

@@ -145,6 +145,23 @@ def test_ingress_paths_need_a_path_type_and_a_backend():
     assert fields(ingress([{**good, "path": "relative"}])) == ["spec.rules[0].http.paths[0].path"]
 
 
+@pytest.mark.parametrize("path_type,path,message", [
+    ("Prefix", "/a//b", "must not contain '//'"), ("Exact", "/a/./b", "must not contain '/./'"),
+    ("Prefix", "/a/../b", "must not contain '/../'"), ("Prefix", "/a%2fb", "must not contain '%2f'"),
+    ("Exact", "/a%2Fb", "must not contain '%2F'"), ("Prefix", "/a/..", "cannot end with '/..'"),
+    ("Exact", "/a/.", "cannot end with '/.'"), ("ImplementationSpecific", "relative", "must be an absolute path")])
+def test_ingress_paths_that_spell_one_path_as_another_are_refused_in_kubernetes_words(path_type, path, message):
+    item = {"path": path, "pathType": path_type, "backend": {"service": {"name": "echo", "port": {"number": 80}}}}
+    errors = validate(default(ingress([item])))
+    assert [f for f, _ in errors] == ["spec.rules[0].http.paths[0].path"] and message in errors[0][1], errors
+
+
+def test_implementation_specific_paths_may_hold_what_exact_and_prefix_may_not():
+    item = {"path": "/a//b/..", "pathType": "ImplementationSpecific",
+            "backend": {"service": {"name": "echo", "port": {"number": 80}}}}
+    assert fields(ingress([item])) == []
+
+
 def test_endpointslice_needs_an_address_type_and_addresses():
     eps = {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice", "metadata": {"name": "e"},
            "addressType": "IPv4", "endpoints": [{"addresses": ["10.244.1.5"]}], "ports": [{"port": 8080}]}
