@@ -903,6 +903,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.chunked = False
         self.has_server = False
         self.reusable = True
+        self.feeding = False    # inside parser.feed_data
+        self.parked = False     # a response ended in the chunk being parsed: pool it once all is parsed
 
     def begin(self, client: ClientConnection, ex: Exchange):
         self.client = client
@@ -944,6 +946,7 @@ class UpstreamConnection(asyncio.Protocol):
         outer = client.batch is None
         if outer:
             client.batch = []
+        self.feeding = True
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
@@ -959,6 +962,11 @@ class UpstreamConnection(asyncio.Protocol):
                 else:
                     client.respond(ex, 502, f"bad response from {self.endpoint}: {err}")
         finally:
+            self.feeding = False
+            if self.parked:
+                self.parked = False
+                if not self.closed:
+                    self.proxy.give_back(self)
             if outer:
                 client.flush()
 
@@ -993,6 +1001,8 @@ class UpstreamConnection(asyncio.Protocol):
 
     # -- httptools callbacks (response)
     def on_message_begin(self):
+        if self.ex is None:   # a message after the response: the server is confused; do not reuse
+            return self.close()
         self.head_parts = []
         self.drop = []
         self.length = -1
@@ -1067,7 +1077,12 @@ class UpstreamConnection(asyncio.Protocol):
         self.client = None
         if (self.reusable and ex.request_done and not self.closed
                 and self.parser.should_keep_alive()):
-            self.proxy.give_back(self)
+            if self.feeding:
+                # Not yet: bytes after the response in this chunk (a server's junk) would be read as
+                # the answer to whichever request took this connection next.
+                self.parked = True
+            else:
+                self.proxy.give_back(self)
         else:
             self.close()
         ex.upstream = None

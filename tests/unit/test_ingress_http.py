@@ -5,7 +5,8 @@ Covers routing by host and path (the conformance path table over the wire), 404,
 round-robin, forwarding headers, hop-by-hop removal, the Server header, pipelining, chunked streaming
 both ways, smuggling inputs, 431, 413 (Content-Length and chunked), 502, 504, retry on another
 endpoint, Expect: 100-continue, HTTP/1.0 clients (keep-alive, no chunked coding, no Host),
-absolute-form targets, a request sent again when its pooled upstream connection turns out closed (only when
+absolute-form targets, junk after an upstream response (the connection is not reused), a request
+sent again when its pooled upstream connection turns out closed (only when
 idempotent and small enough to have been kept), upstream connect timeout, slow clients (header, send timeouts), WebSocket upgrade, TLS by
 SNI, the HTTP to HTTPS redirect and --workers with SO_REUSEPORT.
 """
@@ -1115,3 +1116,38 @@ def test_request_that_cannot_be_sent_again_gets_502(stale, method, size, why):
     status, text, _ = _on_a_pooled_connection(stale, method, f"/once-{size}", b"q" * size)
     assert status == 502 and "closed the connection" in text, (why, text)
     assert stale.seen == [(f"/once-{size}", size)], why   # sent once, never again
+
+
+class BodyAfterNoBodyStatus(socketserver.BaseRequestHandler):
+    """Answers /204-with-body with a 204 followed by bytes (a 204 has no body: they are junk on the
+    connection), anything else with a plain 200 naming the path."""
+
+    def handle(self):
+        f = self.request.makefile("rb")
+        while True:
+            try:
+                head = read_head(f)
+            except (EOFError, OSError):
+                return
+            path = head.split(b" ", 2)[1]
+            if path == b"/204-with-body":
+                self.request.sendall(b"HTTP/1.1 204 No Content\r\nContent-Length: 5\r\n\r\nhello")
+            else:
+                self.request.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(path), path))
+
+
+def test_junk_after_a_response_does_not_fail_the_next_request(world):
+    """A server that sends bytes after a complete response (here a body after a 204) has left its
+    connection unusable: the next request, even one pipelined behind and started at once, goes on
+    another connection instead of getting a 502 for the junk."""
+    server = start_backend("junk", BodyAfterNoBodyStatus)
+    world.servers.append(server)
+    objects = svc_objects("junk", [server.server_address[1]]) + [{
+        "apiVersion": "networking.k8s.io/v1", "kind": "Ingress", "metadata": {"name": "junk", "namespace": "default"},
+        "spec": {"rules": [rule("junk.test", [("/", "Prefix", "junk")])]}}]
+    port = world.ingress(objects, "--no-access-log")["http"]
+    out = raw(world, b"GET /204-with-body HTTP/1.1\r\nHost: junk.test\r\n\r\n"
+                     b"GET /after HTTP/1.1\r\nHost: junk.test\r\nConnection: close\r\n\r\n", port=port)
+    first, _, rest = out.partition(b"\r\n\r\n")
+    assert first.startswith(b"HTTP/1.1 204 "), out
+    assert rest.startswith(b"HTTP/1.1 200 ") and rest.endswith(b"\r\n\r\n/after"), out
