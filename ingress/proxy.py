@@ -1041,6 +1041,12 @@ class UpstreamConnection(asyncio.Protocol):
                          + b"".join(self.head_parts) + b"\r\n")
             return
         if status == 101:
+            if not ex.upgrade or b"upgrade" not in ex.conn_tokens:
+                # A server must not switch to a protocol the client did not ask for (RFC 9110 15.2.2).
+                self.ex = None
+                self.abort()
+                return client.respond(ex, 502, f"bad response from {self.endpoint}: 101 to a request "
+                                               "that asked for no upgrade")
             ex.status = 101
             return   # the head is sent when the parser reports the upgrade
         if ex.method == b"HEAD":

@@ -1,14 +1,15 @@
 """End to end with real HTTP on loopback: `netplane ingress serve --objects FILE` as a process, real
 backends (`netplane echo` processes and small in-test servers), real sockets. No root needed.
 
-Covers routing by host and path (the conformance path table over the wire), 404, 503, keep-alive,
-round-robin, forwarding headers, hop-by-hop removal, the Server header, pipelining, chunked streaming
-both ways, smuggling inputs, 431, 413 (Content-Length and chunked), 502, 504, retry on another
-endpoint, Expect: 100-continue, HTTP/1.0 clients (keep-alive, no chunked coding, no Host),
-absolute-form targets, junk after an upstream response (the connection is not reused), a request
-sent again when its pooled upstream connection turns out closed (only when
-idempotent and small enough to have been kept), upstream connect timeout, slow clients (header, send timeouts), WebSocket upgrade, TLS by
-SNI, the HTTP to HTTPS redirect and --workers with SO_REUSEPORT.
+Covers routing by host and path (the conformance path table over the wire, paths matched normalised),
+404, 503, keep-alive, round-robin, forwarding headers, hop-by-hop removal, the Server header,
+pipelining, chunked streaming both ways, smuggling inputs, 431, 413 (Content-Length and chunked), 502,
+504, retry on another endpoint, Expect: 100-continue, HTTP/1.0 clients (keep-alive, no chunked coding,
+no Host), absolute-form targets, junk after an upstream response (the connection is not reused), a 101
+nobody asked for (502), a request sent again when its pooled upstream connection turns out closed
+(only when idempotent and small enough to have been kept), upstream connect timeout, slow clients
+(header, send timeouts), WebSocket upgrade, TLS by SNI, the HTTP to HTTPS redirect and --workers with
+SO_REUSEPORT.
 """
 from __future__ import annotations
 
@@ -1118,9 +1119,13 @@ def test_request_that_cannot_be_sent_again_gets_502(stale, method, size, why):
     assert stale.seen == [(f"/once-{size}", size)], why   # sent once, never again
 
 
-class BodyAfterNoBodyStatus(socketserver.BaseRequestHandler):
-    """Answers /204-with-body with a 204 followed by bytes (a 204 has no body: they are junk on the
-    connection), anything else with a plain 200 naming the path."""
+class MisbehavingBackend(socketserver.BaseRequestHandler):
+    """Answers the paths of ANSWERS with what a confused server might send; anything else with a plain
+    200 naming the path."""
+    ANSWERS = {
+        b"/204-with-body": b"HTTP/1.1 204 No Content\r\nContent-Length: 5\r\n\r\nhello",   # a 204 has no body
+        b"/101-unasked": b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: foo\r\nConnection: upgrade\r\n\r\nRAW",
+    }
 
     def handle(self):
         f = self.request.makefile("rb")
@@ -1130,24 +1135,35 @@ class BodyAfterNoBodyStatus(socketserver.BaseRequestHandler):
             except (EOFError, OSError):
                 return
             path = head.split(b" ", 2)[1]
-            if path == b"/204-with-body":
-                self.request.sendall(b"HTTP/1.1 204 No Content\r\nContent-Length: 5\r\n\r\nhello")
-            else:
-                self.request.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(path), path))
+            self.request.sendall(self.ANSWERS.get(path) or b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s"
+                                 % (len(path), path))
 
 
-def test_junk_after_a_response_does_not_fail_the_next_request(world):
+@pytest.fixture(scope="module")
+def misbehaving(world):
+    server = start_backend("misbehaving", MisbehavingBackend)
+    world.servers.append(server)
+    objects = svc_objects("bad", [server.server_address[1]]) + [{
+        "apiVersion": "networking.k8s.io/v1", "kind": "Ingress", "metadata": {"name": "bad", "namespace": "default"},
+        "spec": {"rules": [rule("bad.test", [("/", "Prefix", "bad")])]}}]
+    return world.ingress(objects, "--no-access-log")["http"]
+
+
+def test_junk_after_a_response_does_not_fail_the_next_request(world, misbehaving):
     """A server that sends bytes after a complete response (here a body after a 204) has left its
     connection unusable: the next request, even one pipelined behind and started at once, goes on
     another connection instead of getting a 502 for the junk."""
-    server = start_backend("junk", BodyAfterNoBodyStatus)
-    world.servers.append(server)
-    objects = svc_objects("junk", [server.server_address[1]]) + [{
-        "apiVersion": "networking.k8s.io/v1", "kind": "Ingress", "metadata": {"name": "junk", "namespace": "default"},
-        "spec": {"rules": [rule("junk.test", [("/", "Prefix", "junk")])]}}]
-    port = world.ingress(objects, "--no-access-log")["http"]
-    out = raw(world, b"GET /204-with-body HTTP/1.1\r\nHost: junk.test\r\n\r\n"
-                     b"GET /after HTTP/1.1\r\nHost: junk.test\r\nConnection: close\r\n\r\n", port=port)
+    out = raw(world, b"GET /204-with-body HTTP/1.1\r\nHost: bad.test\r\n\r\n"
+                     b"GET /after HTTP/1.1\r\nHost: bad.test\r\nConnection: close\r\n\r\n", port=misbehaving)
     first, _, rest = out.partition(b"\r\n\r\n")
     assert first.startswith(b"HTTP/1.1 204 "), out
     assert rest.startswith(b"HTTP/1.1 200 ") and rest.endswith(b"\r\n\r\n/after"), out
+
+
+def test_switching_protocols_nobody_asked_for_is_502(world, misbehaving):
+    out = raw(world, b"GET /101-unasked HTTP/1.1\r\nHost: bad.test\r\n\r\n"
+                     b"GET /after HTTP/1.1\r\nHost: bad.test\r\nConnection: close\r\n\r\n", port=misbehaving)
+    first, _, rest = out.partition(b"\r\n\r\n")
+    assert first.startswith(b"HTTP/1.1 502 ") and b"RAW" not in out, out   # never a tunnel
+    assert rest.startswith(b"502 Bad Gateway: ") and b"\r\nHTTP/1.1 200 " not in first, out
+    assert rest.endswith(b"\r\n\r\n/after"), out   # and the connection goes on to the next request
