@@ -254,12 +254,12 @@ async def open_listeners(loop, proxy: Proxy, args, certificates) -> list:
 
 
 async def drain(proxy: Proxy, grace: float) -> None:
-    """After the listeners close: let requests under way finish, then close idle connections."""
+    """After the listeners close: idle connections close at once, the others after answering what is
+    under way (the last answer says `Connection: close`); whatever is left after `grace` is closed."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + grace
     for client in list(proxy.clients):
-        if not client.queue:
-            client.close()
+        client.close_when_done()
     while any(c.queue for c in proxy.clients) and loop.time() < deadline:
         await asyncio.sleep(0.05)
     for client in list(proxy.clients):

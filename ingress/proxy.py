@@ -848,6 +848,13 @@ class ClientConnection(asyncio.Protocol):
         elif not self.queue and idle > s.keepalive_timeout:
             self.close()
 
+    def close_when_done(self):
+        """Stopping: answer the requests under way (the last with `Connection: close`), then close."""
+        if self.queue:
+            self.queue[-1].close_after = True
+        else:
+            self.close()
+
     def close(self):
         self.flush()
         if self.closed or self.transport is None or self.lingering:

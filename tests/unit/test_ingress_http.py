@@ -1167,3 +1167,23 @@ def test_switching_protocols_nobody_asked_for_is_502(world, misbehaving):
     assert first.startswith(b"HTTP/1.1 502 ") and b"RAW" not in out, out   # never a tunnel
     assert rest.startswith(b"502 Bad Gateway: ") and b"\r\nHTTP/1.1 200 " not in first, out
     assert rest.endswith(b"\r\n\r\n/after"), out   # and the connection goes on to the next request
+
+
+# ------------------------------------------------------------------------------ stopping
+
+def test_sigterm_lets_a_request_under_way_finish_and_closes_its_connection(world):
+    ports = world.ingress(svc_objects("hdr", [world.hdr]) + [{
+        "apiVersion": "networking.k8s.io/v1", "kind": "Ingress", "metadata": {"name": "stop", "namespace": "default"},
+        "spec": {"rules": [rule("hdr.test", [("/", "Prefix", "hdr")])]}}], "--no-access-log")
+    proc = world.procs[-1]
+    with socket.create_connection(("127.0.0.1", ports["http"]), timeout=10) as s:
+        s.sendall(b"GET /slow HTTP/1.1\r\nHost: hdr.test\r\n\r\n")   # the backend takes 3 s
+        time.sleep(0.5)
+        proc.terminate()
+        head, body, f = get_response(s)
+        assert head.startswith(b"HTTP/1.1 200 ") and json.loads(body)["path"] == "/slow"
+        assert b"\r\nConnection: close" in head   # a stopping proxy takes no next request here
+        assert f.read() == b""                    # and closes the connection after the answer
+    assert proc.wait(10) == 0
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", ports["http"]), timeout=1).close()
