@@ -1119,12 +1119,17 @@ def test_request_that_cannot_be_sent_again_gets_502(stale, method, size, why):
     assert stale.seen == [(f"/once-{size}", size)], why   # sent once, never again
 
 
-class MisbehavingBackend(socketserver.BaseRequestHandler):
-    """Answers the paths of ANSWERS with what a confused server might send; anything else with a plain
-    200 naming the path."""
+_TRICKLED = (b"HTTP/1.1 100 Continue\r\nX-Interim: 1\r\n\r\nHTTP/1.1 200 OK\r\nX-A:tight\r\nConnection: keep-alive,"
+             b" X-Hop\r\nX-Hop: no\r\nX-B: spaced  \r\nContent-Length: 2\r\n\r\nok")
+
+
+class CannedBackend(socketserver.BaseRequestHandler):
+    """Answers the paths of ANSWERS with canned bytes (what a confused server might send, or heads cut
+    up oddly); /trickled/... with _TRICKLED a byte at a time; anything else with a 200 naming the path."""
     ANSWERS = {
         b"/204-with-body": b"HTTP/1.1 204 No Content\r\nContent-Length: 5\r\n\r\nhello",   # a 204 has no body
         b"/101-unasked": b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: foo\r\nConnection: upgrade\r\n\r\nRAW",
+        b"/one-read": _TRICKLED,   # the interim answer and the final one in one send
     }
 
     def handle(self):
@@ -1135,13 +1140,18 @@ class MisbehavingBackend(socketserver.BaseRequestHandler):
             except (EOFError, OSError):
                 return
             path = head.split(b" ", 2)[1]
+            if path.startswith(b"/trickled"):
+                for i in range(len(_TRICKLED)):
+                    self.request.sendall(_TRICKLED[i:i + 1])
+                    time.sleep(0.002)
+                continue
             self.request.sendall(self.ANSWERS.get(path) or b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s"
                                  % (len(path), path))
 
 
 @pytest.fixture(scope="module")
 def misbehaving(world):
-    server = start_backend("misbehaving", MisbehavingBackend)
+    server = start_backend("misbehaving", CannedBackend)
     world.servers.append(server)
     objects = svc_objects("bad", [server.server_address[1]]) + [{
         "apiVersion": "networking.k8s.io/v1", "kind": "Ingress", "metadata": {"name": "bad", "namespace": "default"},
@@ -1187,3 +1197,19 @@ def test_sigterm_lets_a_request_under_way_finish_and_closes_its_connection(world
     assert proc.wait(10) == 0
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", ports["http"]), timeout=1).close()
+
+
+@pytest.mark.parametrize("path", ["/one-read", "/trickled"])
+def test_response_heads_are_passed_on_however_they_arrive(world, misbehaving, path):
+    """The interim 100 and the final head, in one read or a byte a time: each passed on with its own
+    headers, less the hop-by-hop ones (Connection, and X-Hop which it names)."""
+    out = raw(world, b"GET %s HTTP/1.1\r\nHost: bad.test\r\nConnection: close\r\n\r\n" % path.encode(),
+              port=misbehaving)
+    interim, final = out.split(b"\r\n\r\n", 1)
+    assert interim == b"HTTP/1.1 100 Continue\r\nX-Interim: 1", out
+    head, body = final.split(b"\r\n\r\n", 1)
+    status, *lines = head.split(b"\r\n")
+    headers = [tuple(part.strip() for part in line.split(b":", 1)) for line in lines]
+    assert status == b"HTTP/1.1 200 OK" and body == b"ok", out
+    assert headers == [(b"X-A", b"tight"), (b"X-B", b"spaced"), (b"Server", b"netplane-ingress"),
+                       (b"Content-Length", b"2"), (b"Connection", b"close")], out
