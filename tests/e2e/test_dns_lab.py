@@ -1,6 +1,7 @@
 """Cluster DNS in a real lab: a pod asks kube-dns (10.96.0.10, the `netplane dns serve` pod behind it)
 through its own resolv.conf. A deleted Service is NXDOMAIN within a second; the search path resolves
-a short name and a name.namespace name.
+a short name and a name.namespace name; a pod's own a-b-c-d.<ns>.pod record answers (as kubeadm's
+CoreDNS does).
 
 A two-node lab (the DNS pod on the control plane, the probe pod on worker-1: the query crosses nodes
 and the ClusterIP DNAT). Services without selectors: DNS needs a ClusterIP, not endpoints, so no
@@ -111,3 +112,10 @@ def test_search_path_resolves_short_and_namespaced_names(pod_ns):
     assert getent(pod_ns, f"db.{OTHER_NAMESPACE}") == [db["spec"]["clusterIP"],
                                                         f"db.{OTHER_NAMESPACE}.svc.cluster.local"]
     assert getent(pod_ns, "db") == [], "a short name must not leave the pod's own namespace"
+
+
+def test_pod_records_answer_as_in_a_kubeadm_cluster(pod_ns):
+    """kubeadm's Corefile has `pods insecure`: a-b-c-d.<ns>.pod.<zone> answers a-b-c-d's address."""
+    pod_ip = netns.run(["ip", "-4", "-o", "addr", "show", "dev", "eth0"], netns=pod_ns).stdout.split()[3].split("/")[0]
+    status, answers = dig(pod_ns, f"{pod_ip.replace('.', '-')}.default.pod.cluster.local")
+    assert (status, answers) == ("NOERROR", [pod_ip])
