@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from netplane import daemon, netns, overlay, podnet, runtime
+from netplane import daemon, netns, overlay, podlogs, podnet, runtime
 from netplane.daemon import log_fields
 from netplane.podnet import PodRef
 
@@ -153,6 +153,13 @@ def node_manifest(config: AgentConfig) -> dict:
 
 
 def node_status(config: AgentConfig, facts: dict, heartbeat: str, ready_since: str) -> dict:
+    status = _node_status(config, facts, heartbeat, ready_since)
+    if config.health_listen:   # where the API server asks for pod logs (podlogs.py), as the kubelet's port
+        status["daemonEndpoints"] = {"kubeletEndpoint": {"Port": daemon.split_hostport(config.health_listen)[1]}}
+    return status
+
+
+def _node_status(config: AgentConfig, facts: dict, heartbeat: str, ready_since: str) -> dict:
     ready = {"type": "Ready", "status": "True", "reason": "KubeletReady",
              "message": "netplane agent is posting ready status",
              "lastHeartbeatTime": heartbeat, "lastTransitionTime": ready_since}
@@ -710,6 +717,19 @@ class Agent:
         self.vxlan_checked = ("", 0.0)
         self.known_uids: set[str] | None = None
 
+    def log_file(self, namespace: str, name: str, container: str) -> tuple[str, ContainerRecord]:
+        """The log file of a container of a pod on this node, and its record; podlogs.LogError."""
+        worker = next((w for w in self.workers.values() if (w.ref.namespace, w.ref.name) == (namespace, name)), None)
+        if worker is None:
+            raise podlogs.LogError(404, f'pods "{name}" not found on node {self.config.node_name}')
+        record = next((c for c in worker.containers if c.name == container), None)
+        if record is None:
+            raise podlogs.LogError(400, f'container "{container}" in pod "{name}" is not valid')
+        if not record.has_run:
+            raise podlogs.LogError(400, f'container "{container}" in pod "{name}" is waiting to start: '
+                                        f"{record.reason}")
+        return str(worker.dir / f"{container}.log"), record
+
     def healthy(self) -> tuple[bool, str]:
         age = time.monotonic() - self.last_heartbeat
         if self.last_heartbeat and age < 6 * HEARTBEAT_SECONDS:
@@ -926,6 +946,33 @@ def set_ip_forward() -> None:
         log_fields(log, logging.WARNING, "cannot enable ip_forward", error=str(err))
 
 
+def add_log_route(app, agent_or_none) -> None:
+    """GET /containerLogs/{namespace}/{pod}/{container} (the kubelet's path) on the health port."""
+    from aiohttp import web
+
+    async def container_logs(request: web.Request) -> web.StreamResponse:
+        agent = agent_or_none()
+        info = request.match_info
+        try:
+            if agent is None:
+                raise podlogs.LogError(503, "the agent is starting")
+            query = podlogs.LogQuery.parse(request.query)
+            path, record = agent.log_file(info["namespace"], info["pod"], info["container"])
+        except podlogs.LogError as err:
+            return web.Response(status=err.status, text=err.message)
+        first, offset = podlogs.read_log(path, query)
+        response = web.StreamResponse(headers={"Content-Type": "text/plain"})
+        await response.prepare(request)
+        await response.write(first)
+        if query.follow:
+            left = None if query.limit_bytes is None else query.limit_bytes - len(first)
+            await podlogs.follow(path, offset, lambda: record.state == "running", response.write, left)
+        await response.write_eof()
+        return response
+
+    app.router.add_get("/containerLogs/{namespace}/{pod}/{container}", container_logs)
+
+
 def main(argv: list[str] | None = None) -> int:
     config = parse_args(sys.argv[1:] if argv is None else argv)
     daemon.setup_logging("agent")
@@ -942,7 +989,7 @@ def main(argv: list[str] | None = None) -> int:
     cni_helper_process = cni_helper.start_or_none()
     try:
         return daemon.run_client_daemon(lambda client: Agent(config, client), config.server, "agent",
-                                        config.health_listen, Agent.healthy)
+                                        config.health_listen, Agent.healthy, add_log_route)
     finally:
         cni_helper.stop(cni_helper_process)
 

@@ -26,11 +26,12 @@ import uuid
 from datetime import datetime, timezone
 from typing import AsyncIterator, Callable
 
+import aiohttp
 import yaml
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
 
-from netplane import daemon, kinds, validation
+from netplane import daemon, kinds, podlogs, validation
 from netplane import store as store_mod
 from netplane.allocators import AllocationError, Allocators
 from netplane.kinds import KINDS, Kind
@@ -126,6 +127,9 @@ def _cause_reason(message: str) -> str:
         if message.startswith(prefix):
             return reason
     return "FieldValueInvalid"
+
+
+_STATUS_REASONS = {400: "BadRequest", 404: "NotFound", 500: "InternalError", 503: "ServiceUnavailable"}
 
 
 def bad_request(message: str) -> APIStatus:
@@ -905,6 +909,7 @@ def _subresources(kind: Kind) -> list[tuple[str, str, str, str, list[str]]]:
         subs.append(("scale", "autoscaling", "v1", "Scale", ["get", "patch", "update"]))
     if kind.kind == "Pod":
         subs.append(("binding", "", "v1", "Binding", ["create"]))
+        subs.append(("log", "", "v1", "Pod", ["get"]))
     return subs
 
 
@@ -1394,11 +1399,43 @@ class APIServer:
             if method == "POST":
                 await self.registry.bind(ns, name, await _read_body(request))
                 return _json(_success(201), 201)
+        elif sub == "log" and kind.kind == "Pod":
+            if method == "GET":
+                return await self._pod_log(request, ns, name)
         else:
             raise path_not_found()
         raise web.HTTPMethodNotAllowed(method, ["GET", "PUT", "PATCH", "POST"])
 
     # --- watch --------------------------------------------------------------------------------
+
+    async def _pod_log(self, request: web.Request, namespace: str, name: str) -> web.StreamResponse:
+        """pods/log: passed on to the agent of the pod's node (netplane.podlogs), streamed back."""
+        pod = await self.registry.get(kinds.by_kind("Pod"), namespace, name)
+        try:
+            query = podlogs.LogQuery.parse(request.query)
+            container = podlogs.container_of(pod, request.query.get("container"))
+            node_name = (pod.get("spec") or {}).get("nodeName")
+            if not node_name:
+                raise podlogs.LogError(400, f"pod {name} does not have a host assigned")
+            node = await self.registry.get(kinds.by_kind("Node"), None, node_name)
+            url = podlogs.agent_log_url(node, namespace, name, container)
+        except podlogs.LogError as err:
+            raise APIStatus(err.status, _STATUS_REASONS.get(err.status, "BadRequest"), err.message) from None
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=None if query.follow else 30)
+        try:
+            async with aiohttp.ClientSession(timeout=timeout) as session, \
+                    session.get(url, params=query.as_query()) as upstream:
+                if upstream.status != 200:
+                    raise APIStatus(upstream.status, _STATUS_REASONS.get(upstream.status, "InternalError"),
+                                    (await upstream.text()).strip())
+                response = web.StreamResponse(headers={"Content-Type": "text/plain"})
+                await response.prepare(request)
+                async for chunk in upstream.content.iter_any():
+                    await response.write(chunk)
+                await response.write_eof()
+                return response
+        except (aiohttp.ClientError, asyncio.TimeoutError) as err:
+            raise APIStatus(500, "InternalError", f'Get "{url}": {err or "timeout"}') from None
 
     async def _watch(self, request: web.Request, path: ResourcePath, selector: Selector) -> web.StreamResponse:
         timeout = request.query.get("timeoutSeconds")

@@ -95,8 +95,10 @@ async def serve_health(listen: str, healthy: HealthCheck | None = None,
 
 
 def run(main: Callable[[asyncio.Event], Awaitable[None]], component: str,
-        health_listen: str | None = None, healthy: HealthCheck | None = None) -> int:
-    """Run `main(stop)` on uvloop until it returns or SIGTERM/SIGINT sets `stop`."""
+        health_listen: str | None = None, healthy: HealthCheck | None = None,
+        extra_routes: Callable | None = None) -> int:
+    """Run `main(stop)` on uvloop until it returns or SIGTERM/SIGINT sets `stop`; `extra_routes(app)`
+    adds the daemon's own endpoints to its health server."""
     log = logging.getLogger(component)
     try:
         import uvloop
@@ -109,7 +111,7 @@ def run(main: Callable[[asyncio.Event], Awaitable[None]], component: str,
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        runner = await serve_health(health_listen, healthy) if health_listen else None
+        runner = await serve_health(health_listen, healthy, extra_routes) if health_listen else None
         started = time.monotonic()
         log_fields(log, logging.INFO, "started", health=health_listen)
         try:
@@ -124,9 +126,10 @@ def run(main: Callable[[asyncio.Event], Awaitable[None]], component: str,
 
 
 def run_client_daemon(make: Callable, server: str, component: str, health_listen: str | None,
-                      health_of: Callable) -> int:
+                      health_of: Callable, add_routes: Callable | None = None) -> int:
     """`run` for a daemon object that talks to the API server: `make(client)` builds it (its
-    `run(stop)` is the main loop) and `health_of(it)` answers /healthz once it exists."""
+    `run(stop)` is the main loop) and `health_of(it)` answers /healthz once it exists;
+    `add_routes(app, it_or_none)` adds endpoints whose handlers call it_or_none() for the object."""
     made: list = []
 
     async def main(stop: asyncio.Event) -> None:
@@ -141,4 +144,5 @@ def run_client_daemon(make: Callable, server: str, component: str, health_listen
     def healthy() -> tuple[bool, str]:
         return health_of(made[0]) if made else (False, "starting")
 
-    return run(main, component, health_listen, healthy)
+    extra = (lambda app: add_routes(app, lambda: made[0] if made else None)) if add_routes else None
+    return run(main, component, health_listen, healthy, extra)

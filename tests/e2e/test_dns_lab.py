@@ -1,7 +1,7 @@
 """Cluster DNS in a real lab: a pod asks kube-dns (10.96.0.10, the `netplane dns serve` pod behind it)
 through its own resolv.conf. A deleted Service is NXDOMAIN within a second; the search path resolves
 a short name and a name.namespace name; a pod's own a-b-c-d.<ns>.pod record answers (as kubeadm's
-CoreDNS does).
+CoreDNS does); kube-dns's own log is read through the API server (pods/log, from its node's agent).
 
 A two-node lab (the DNS pod on the control plane, the probe pod on worker-1: the query crosses nodes
 and the ClusterIP DNAT). Services without selectors: DNS needs a ClusterIP, not endpoints, so no
@@ -13,6 +13,7 @@ import asyncio
 import os
 import time
 
+import aiohttp
 import pytest
 
 from netplane import lab, netns
@@ -119,3 +120,16 @@ def test_pod_records_answer_as_in_a_kubeadm_cluster(pod_ns):
     pod_ip = netns.run(["ip", "-4", "-o", "addr", "show", "dev", "eth0"], netns=pod_ns).stdout.split()[3].split("/")[0]
     status, answers = dig(pod_ns, f"{pod_ip.replace('.', '-')}.default.pod.cluster.local")
     assert (status, answers) == ("NOERROR", [pod_ip])
+
+
+def test_kube_dns_log_is_read_through_the_api_server_as_kubectl_logs_reads_it(pod_ns):
+    async def read_log() -> str:
+        async with Client(SERVER) as client:
+            pods = await client.list("Pod", "kube-system", label_selector="k8s-app=kube-dns")
+            name = pods["items"][0]["metadata"]["name"]
+            async with aiohttp.ClientSession() as session, session.get(
+                    f"{SERVER}/api/v1/namespaces/kube-system/pods/{name}/log", params={"tailLines": "50"}) as resp:
+                assert resp.status == 200, await resp.text()
+                return await resp.text()
+    text = asyncio.run(read_log())
+    assert '"component": "dns"' in text and '"msg": "zone built"' in text, text[-500:]

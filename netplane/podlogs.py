@@ -1,0 +1,158 @@
+"""`kubectl logs`: a container's output, from the node agent that runs it, through the API server.
+
+The agent keeps each container's stdout and stderr in one file (every run appended); it serves them
+as the kubelet does, at `GET /containerLogs/{namespace}/{pod}/{container}` on its health port, which
+it publishes in its Node's `status.daemonEndpoints.kubeletEndpoint.Port`. The API server answers
+`GET .../pods/{name}/log` by finding the pod's node and passing that request on (pods/log).
+
+Query parameters, as Kubernetes has them: container, tailLines, limitBytes, follow. (`previous` is
+refused: every run of a container goes to the same file, so there is no separate previous log;
+timestamps and sinceSeconds are not kept.)
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+from dataclasses import dataclass
+
+FOLLOW_POLL_SECONDS = 0.25
+_TAIL_BLOCK = 64 * 1024
+
+
+class LogError(Exception):
+    """A request that cannot be answered: `status` (400, 404, ...) and Kubernetes' words."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass(frozen=True)
+class LogQuery:
+    tail_lines: int | None = None
+    limit_bytes: int | None = None
+    follow: bool = False
+
+    @classmethod
+    def parse(cls, query) -> "LogQuery":
+        """From request query parameters (a mapping of strings); LogError(400) names what is wrong."""
+        if query.get("previous", "false").lower() in ("true", "1"):
+            raise LogError(400, "previous logs are not kept: every run of a container is in one log")
+        return cls(tail_lines=_count(query, "tailLines"), limit_bytes=_count(query, "limitBytes", minimum=1),
+                   follow=query.get("follow", "false").lower() in ("true", "1"))
+
+    def as_query(self) -> dict[str, str]:
+        out = {}
+        if self.tail_lines is not None:
+            out["tailLines"] = str(self.tail_lines)
+        if self.limit_bytes is not None:
+            out["limitBytes"] = str(self.limit_bytes)
+        if self.follow:
+            out["follow"] = "true"
+        return out
+
+
+def _count(query, name: str, minimum: int = 0) -> int | None:
+    raw = query.get(name)
+    if raw is None or raw == "":
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        raise LogError(400, f"{name}: invalid value {raw!r}: must be an integer") from None
+    if value < minimum:
+        raise LogError(400, f"{name}: invalid value {value}: must be greater than or equal to {minimum}")
+    return value
+
+
+# ---- pure: which container, which part of the file ------------------------------------------------
+
+def container_of(pod: dict, wanted: str | None) -> str:
+    """The container a log request is for: `wanted`, or the pod's only one (Kubernetes' errors)."""
+    name = (pod.get("metadata") or {}).get("name", "")
+    names = [c.get("name") for c in (pod.get("spec") or {}).get("containers") or [] if isinstance(c, dict)]
+    if wanted:
+        if wanted not in names:
+            raise LogError(400, f'container "{wanted}" in pod "{name}" is not valid')
+        return wanted
+    if len(names) != 1:
+        raise LogError(400, f"a container name must be specified for pod {name}, choose one of: "
+                            f"[{' '.join(names)}]")
+    return names[0]
+
+
+def agent_log_url(node: dict, namespace: str, pod: str, container: str) -> str:
+    """Where the node's agent serves this container's log (its InternalIP, its daemonEndpoints port)."""
+    status = node.get("status") or {}
+    address = next((a.get("address") for a in status.get("addresses") or [] if a.get("type") == "InternalIP"), "")
+    port = ((status.get("daemonEndpoints") or {}).get("kubeletEndpoint") or {}).get("Port")
+    node_name = (node.get("metadata") or {}).get("name", "")
+    if not address or not port:
+        raise LogError(503, f"node {node_name} publishes no address and port for logs "
+                            "(status.daemonEndpoints.kubeletEndpoint.Port: its agent runs without --health-listen)")
+    host = f"[{address}]" if ":" in address else address
+    return f"http://{host}:{port}/containerLogs/{namespace}/{pod}/{container}"
+
+
+def tail(data: bytes, lines: int) -> bytes:
+    """The last `lines` lines of `data` (a last line without its newline counts as one)."""
+    if lines <= 0:
+        return b""
+    end = len(data) - 1 if data.endswith(b"\n") else len(data)
+    cut = end
+    for _ in range(lines):
+        cut = data.rfind(b"\n", 0, cut)
+        if cut < 0:
+            return data
+    return data[cut + 1:]
+
+
+def read_log(path: str, query: LogQuery) -> tuple[bytes, int]:
+    """(what to send first, the file offset after it): the tail and limit applied."""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if query.tail_lines is None:
+                data = f.read()
+            else:
+                data = _last_lines(f, size, query.tail_lines)
+    except FileNotFoundError:
+        data, size = b"", 0
+    if query.limit_bytes is not None:
+        data = data[:query.limit_bytes]
+    return data, size
+
+
+def _last_lines(f, size: int, lines: int) -> bytes:
+    """Read back from the end in blocks until `lines` lines are in hand (a log can be large)."""
+    start, data = size, b""
+    while start > 0 and data.count(b"\n") <= lines:
+        step = min(_TAIL_BLOCK, start)
+        start -= step
+        f.seek(start)
+        data = f.read(step) + data
+    return tail(data, lines)
+
+
+async def follow(path: str, offset: int, still_running, write, limit: int | None) -> None:
+    """After the first part: send what the file grows by until the container stops (`still_running()`
+    false with nothing new) or `limit` bytes went out. `write(bytes)` is awaited."""
+    sent = 0
+    while limit is None or sent < limit:
+        try:
+            with open(path, "rb") as f:
+                f.seek(offset)
+                data = f.read()
+        except FileNotFoundError:
+            data = b""
+        if data:
+            if limit is not None:
+                data = data[:limit - sent]
+            offset += len(data)
+            sent += len(data)
+            await write(data)
+            continue
+        if not still_running():
+            return
+        await asyncio.sleep(FOLLOW_POLL_SECONDS)
