@@ -716,6 +716,7 @@ class Agent:
         self.routes_verified = 0.0
         self.vxlan_checked = ("", 0.0)
         self.known_uids: set[str] | None = None
+        self.log_rotations: dict[str, int] = {}   # container log path -> times rotated
 
     def log_file(self, namespace: str, name: str, container: str) -> tuple[str, ContainerRecord]:
         """The log file of a container of a pod on this node, and its record; podlogs.LogError."""
@@ -729,6 +730,15 @@ class Agent:
             raise podlogs.LogError(400, f'container "{container}" in pod "{name}" is waiting to start: '
                                         f"{record.reason}")
         return str(worker.dir / f"{container}.log"), record
+
+    def rotate_logs(self) -> None:
+        """Bound every container log on this node (podlogs.rotate_if_large); count the rotations."""
+        for worker in list(self.workers.values()):
+            for record in worker.containers:
+                path = str(worker.dir / f"{record.name}.log")
+                if podlogs.rotate_if_large(path):
+                    self.log_rotations[path] = self.log_rotations.get(path, 0) + 1
+                    log_fields(log, logging.INFO, "container log rotated", pod=worker.label, container=record.name)
 
     def healthy(self) -> tuple[bool, str]:
         age = time.monotonic() - self.last_heartbeat
@@ -807,6 +817,7 @@ class Agent:
         from netplane.client import APIError
         while not stop.is_set():
             await asyncio.sleep(HEARTBEAT_SECONDS)
+            self.rotate_logs()   # on the loop, not a thread: a log followed meanwhile never sees half of it
             try:
                 await self.heartbeat()
             except APIError as err:
@@ -966,7 +977,8 @@ def add_log_route(app, agent_or_none) -> None:
         await response.write(first)
         if query.follow:
             left = None if query.limit_bytes is None else query.limit_bytes - len(first)
-            await podlogs.follow(path, offset, lambda: record.state == "running", response.write, left)
+            await podlogs.follow(path, offset, lambda: record.state == "running", response.write, left,
+                                 lambda: agent.log_rotations.get(path, 0))
         await response.write_eof()
         return response
 

@@ -1,9 +1,11 @@
 """`kubectl logs`: a container's output, from the node agent that runs it, through the API server.
 
-The agent keeps each container's stdout and stderr in one file (every run appended); it serves them
-as the kubelet does, at `GET /containerLogs/{namespace}/{pod}/{container}` on its health port, which
-it publishes in its Node's `status.daemonEndpoints.kubeletEndpoint.Port`. The API server answers
-`GET .../pods/{name}/log` by finding the pod's node and passing that request on (pods/log).
+The agent keeps each container's stdout and stderr in one file (every run appended, rotated at
+LOG_MAX_BYTES); it serves them as the kubelet does, at `GET /containerLogs/{namespace}/{pod}/{container}`
+on its health port, which it publishes in its Node's `status.daemonEndpoints.kubeletEndpoint.Port`.
+The API server answers `GET .../pods/{name}/log` by finding the pod's node and passing that request
+on (pods/log). Like the kubelet's old read-only port, the agent's endpoint asks for no credentials:
+anyone who reaches a node's address can read its pods' logs (a lab's trust model).
 
 Query parameters, as Kubernetes has them: container, tailLines, limitBytes, follow. (`previous` is
 refused: every run of a container goes to the same file, so there is no separate previous log;
@@ -17,6 +19,11 @@ from dataclasses import dataclass
 
 FOLLOW_POLL_SECONDS = 0.25
 _TAIL_BLOCK = 64 * 1024
+# A container log over this size is rotated: copied to <log>.1 (replacing the one before) and cut to
+# zero, so a chatty pod (an ingress's access log under load) keeps at most twice this on the node,
+# as the kubelet's containerLogMaxSize bounds its logs. Cutting, not renaming: the process keeps
+# writing through its descriptor, opened O_APPEND, so its next line lands at the start of the file.
+LOG_MAX_BYTES = 10 * 1024 * 1024
 
 
 class LogError(Exception):
@@ -135,13 +142,35 @@ def _last_lines(f, size: int, lines: int) -> bytes:
     return tail(data, lines)
 
 
-async def follow(path: str, offset: int, still_running, write, limit: int | None) -> None:
+def rotate_if_large(path: str, max_bytes: int | None = None) -> bool:
+    """Copy-truncate `path` when it holds more than `max_bytes` (LOG_MAX_BYTES); whether it did. (Lines
+    written between the copy and the cut are lost: the price of rotating a file a process keeps open.)"""
+    try:
+        if os.path.getsize(path) <= (LOG_MAX_BYTES if max_bytes is None else max_bytes):
+            return False
+        with open(path, "rb") as src, open(path + ".1", "wb") as dst:
+            while chunk := src.read(1 << 20):
+                dst.write(chunk)
+        os.truncate(path, 0)
+        return True
+    except FileNotFoundError:
+        return False
+
+
+async def follow(path: str, offset: int, still_running, write, limit: int | None,
+                 rotations=lambda: 0) -> None:
     """After the first part: send what the file grows by until the container stops (`still_running()`
-    false with nothing new) or `limit` bytes went out. `write(bytes)` is awaited."""
+    false with nothing new) or `limit` bytes went out. `write(bytes)` is awaited. `rotations()` counts
+    the rotations of this log (done on this event loop, so never half-way as seen from here)."""
     sent = 0
+    seen_rotations = rotations()
     while limit is None or sent < limit:
+        if rotations() != seen_rotations:
+            seen_rotations, offset = rotations(), 0   # rotated meanwhile: go on from its new start
         try:
             with open(path, "rb") as f:
+                if os.fstat(f.fileno()).st_size < offset:
+                    offset = 0   # cut by someone else
                 f.seek(offset)
                 data = f.read()
         except FileNotFoundError:

@@ -78,7 +78,8 @@ def fake_agent(tmp_path, state="running"):
     if state == "running":
         record.set_running("2026-12-01T00:00:00Z")
     worker = SimpleNamespace(ref=SimpleNamespace(namespace="default", name="p"), containers=[record], dir=tmp_path)
-    fake = SimpleNamespace(workers={"uid": worker}, config=SimpleNamespace(node_name="n1"), record=record)
+    fake = SimpleNamespace(workers={"uid": worker}, config=SimpleNamespace(node_name="n1"), record=record,
+                           log_rotations={})
     fake.log_file = lambda ns, name, container: agent_mod.Agent.log_file(fake, ns, name, container)
     return fake
 
@@ -173,3 +174,57 @@ def test_pods_log_goes_through_the_api_server_to_the_nodes_agent(tmp_path):
     assert answers[3][0] == 400 and b"pod unbound does not have a host assigned" in answers[3][1]
     assert answers[4][0] == 400 and b"previous logs are not kept" in answers[4][1]
     assert answers[5][0] == 500 and b"/containerLogs/default/p/app" in answers[5][1]   # the agent is gone
+
+
+# ------------------------------------------------------------------------------ rotation
+
+def test_a_large_log_is_copied_aside_and_cut_while_its_process_keeps_writing(tmp_path):
+    path = tmp_path / "app.log"
+    writer = open(path, "ab", buffering=0)   # as the agent opens it for the container (O_APPEND)
+    try:
+        writer.write(b"x" * 2000 + b"\n")
+        assert not podlogs.rotate_if_large(str(path), max_bytes=4096)
+        writer.write(b"y" * 3000 + b"\n")
+        assert podlogs.rotate_if_large(str(path), max_bytes=4096)
+        writer.write(b"after\n")
+    finally:
+        writer.close()
+    assert path.read_bytes() == b"after\n"   # the next line starts the file again, no hole before it
+    assert (tmp_path / "app.log.1").read_bytes() == b"x" * 2000 + b"\n" + b"y" * 3000 + b"\n"
+    assert not podlogs.rotate_if_large(str(tmp_path / "none.log"))
+
+
+def test_following_goes_on_across_a_rotation(tmp_path):
+    path = tmp_path / "app.log"
+    path.write_bytes(b"old line\n")
+    running, rotations = [True], [0]
+    received: list[bytes] = []
+
+    async def write(data: bytes) -> None:
+        received.append(data)
+
+    async def scenario():
+        following = asyncio.ensure_future(podlogs.follow(str(path), path.stat().st_size, lambda: running[0],
+                                                         write, None, lambda: rotations[0]))
+        await asyncio.sleep(0.3)
+        podlogs.rotate_if_large(str(path), max_bytes=1)
+        rotations[0] += 1   # as the agent counts them
+        with open(path, "ab") as f:
+            f.write(b"new line\n")   # as long as what was read before the cut: only the count tells
+        await asyncio.sleep(0.6)
+        running[0] = False
+        await asyncio.wait_for(following, 5)
+
+    asyncio.run(scenario())
+    assert b"".join(received) == b"new line\n"
+
+
+def test_the_agent_rotates_the_logs_of_its_pods_and_counts_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(podlogs, "LOG_MAX_BYTES", 100)
+    agent = fake_agent(tmp_path)
+    agent.workers["uid"].label = "default/p"
+    (tmp_path / "app.log").write_bytes(b"z" * 101)
+    agent_mod.Agent.rotate_logs(agent)
+    agent_mod.Agent.rotate_logs(agent)   # now small again: left alone
+    assert (tmp_path / "app.log").read_bytes() == b"" and (tmp_path / "app.log.1").read_bytes() == b"z" * 101
+    assert agent.log_rotations == {str(tmp_path / "app.log"): 1}
