@@ -26,6 +26,7 @@ from pathlib import Path
 
 from netplane import daemon, netns, overlay, podlogs, podnet, runtime
 from netplane.daemon import log_fields
+from netplane.events import EventRecorder
 from netplane.podnet import PodRef
 
 log = logging.getLogger("agent")
@@ -385,6 +386,10 @@ class PodWorker:
     def label(self) -> str:
         return f"{self.ref.namespace}/{self.ref.name}"
 
+    def event(self, type_: str, reason: str, message: str) -> None:
+        """An Event about this pod, as the kubelet records them (netplane.events)."""
+        self.agent.events.emit(self.pod, type_, reason, message)
+
     def start(self) -> None:
         self.task = asyncio.create_task(self._run(), name=f"pod-{self.label}")
 
@@ -444,6 +449,7 @@ class PodWorker:
                 self.sandbox = SandboxState(ready=True, pod_ip=pod_ip)
                 self.mark_changed()
                 log_fields(log, logging.INFO, "pod sandbox ready", pod=self.label, ip=pod_ip, netns=self.ref.netns)
+                self.event("Normal", "SandboxReady", f"Pod network ready: {pod_ip} in {self.ref.netns}")
                 return
             except Exception as err:
                 attempt += 1
@@ -452,6 +458,7 @@ class PodWorker:
                                             message=f"{err} (attempt {attempt}, retrying in {delay:.0f}s)")
                 self.mark_changed()
                 log_fields(log, logging.WARNING, "pod sandbox failed", pod=self.label, error=str(err))
+                self.event("Warning", "FailedCreatePodSandBox", f"Failed to create pod sandbox: {err}")
                 await asyncio.to_thread(undo_failed_add, self.agent.config, self.agent.cni_config, self.ref)
                 await asyncio.sleep(delay)
 
@@ -476,6 +483,7 @@ class PodWorker:
         except runtime.ProbeSpecError as err:
             record.set_waiting("CreateContainerConfigError", str(err))
         self.mark_changed()
+        self.event("Warning", "Failed", f"Error: {record.reason}: {record.message}")
         return None
 
     async def _supervise(self, index: int) -> None:
@@ -492,6 +500,7 @@ class PodWorker:
             except OSError as err:
                 record.set_waiting("RunContainerError", f"cannot start: {err}")
                 self.mark_changed()
+                self.event("Warning", "Failed", f"Error: cannot start container {record.name}: {err}")
                 return
             if not runtime.should_restart(self.restart_policy, exit_code):
                 return
@@ -500,6 +509,8 @@ class PodWorker:
             record.set_waiting("CrashLoopBackOff",
                                f"back-off {delay:.0f}s restarting failed container={record.name} pod={self.ref.name}")
             self.mark_changed()
+            self.event("Warning", "BackOff", f"Back-off restarting failed container {record.name} in pod "
+                                             f"{self.ref.name} (exit code {exit_code})")
             await asyncio.sleep(delay)
             record.restart_count += 1
             RESTARTS.inc()
@@ -514,6 +525,7 @@ class PodWorker:
         self.mark_changed()
         log_fields(log, logging.INFO, "container started", pod=self.label, container=record.name,
                    pid=process.pid, argv=argv)
+        self.event("Normal", "Started", f"Started container {record.name}")
         probers = []
         if probes.readiness:
             probers.append(asyncio.create_task(self._readiness_loop(record, probes.readiness)))
@@ -540,6 +552,8 @@ class PodWorker:
                 self.mark_changed()
                 log_fields(log, logging.INFO, "readiness changed", pod=self.label, container=record.name,
                            ready=tracker.ready)
+                if not tracker.ready:
+                    self.event("Warning", "Unhealthy", f"Readiness probe failed for container {record.name}")
             await asyncio.sleep(tracker.next_delay())
 
     async def _liveness_loop(self, record: ContainerRecord, probe: runtime.Probe,
@@ -555,6 +569,8 @@ class PodWorker:
             await asyncio.sleep(probe.period)
         log_fields(log, logging.INFO, "liveness check failed; stopping the container", pod=self.label,
                    container=record.name, failures=tracker.failures)
+        self.event("Warning", "Unhealthy", f"Liveness probe failed {tracker.failures} times: container "
+                                           f"{record.name} will be restarted")
         await process.stop(STOP_GRACE_SECONDS)
 
     # -- status
@@ -717,6 +733,7 @@ class Agent:
         self.vxlan_checked = ("", 0.0)
         self.known_uids: set[str] | None = None
         self.log_rotations: dict[str, int] = {}   # container log path -> times rotated
+        self.events = EventRecorder(client, "kubelet", config.node_name)
 
     def log_file(self, namespace: str, name: str, container: str) -> tuple[str, ContainerRecord]:
         """The log file of a container of a pod on this node, and its record; podlogs.LogError."""

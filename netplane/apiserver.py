@@ -31,7 +31,7 @@ import yaml
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
 
-from netplane import daemon, kinds, podlogs, validation
+from netplane import daemon, events, kinds, podlogs, validation
 from netplane import store as store_mod
 from netplane.allocators import AllocationError, Allocators
 from netplane.kinds import KINDS, Kind
@@ -803,6 +803,19 @@ class Registry:
                                                  item["metadata"]["name"], options) for item in items]
         return [d for d in deleted if d is not None]
 
+    async def expire_events(self, now: datetime) -> int:
+        """Delete the events last seen more than events.TTL ago (kube-apiserver's --event-ttl)."""
+        kind = kinds.by_kind("Event")
+        items, _ = await self.list(kind)
+        gone = [e for e in items if events.expired(e, now)]
+        for event in gone:
+            meta = event["metadata"]
+            try:
+                await self.store.delete(storage_key(kind, meta.get("namespace"), meta["name"]))
+            except store_mod.NotFound:   # deleted meanwhile
+                pass
+        return len(gone)
+
     # --- subresources -------------------------------------------------------------------------
 
     async def bind(self, namespace: str, name: str, binding) -> None:
@@ -1193,6 +1206,9 @@ class APIServer:
             try:
                 removed = await self.store.compact(previous)
                 daemon.log_fields(log, logging.INFO, "compacted", revision=previous, rows=removed)
+                expired = await self.registry.expire_events(datetime.now(timezone.utc))
+                if expired:
+                    daemon.log_fields(log, logging.INFO, "events expired", count=expired)
             except Exception:  # keep serving; the next tick tries again
                 log.exception("compaction failed")
             previous = await self.store.current_revision()

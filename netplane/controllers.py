@@ -15,7 +15,7 @@ import logging
 import secrets
 import string
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 
 from netplane.objects import key_of, labels_of, matches_label_selector, matches_labels, pod_is_ready
@@ -37,6 +37,8 @@ class Action:
     name: str = ""
     body: dict = field(default_factory=dict, hash=False, compare=True)
     subresource: str | None = None
+    # (object, type, reason, message): the Event recorded once the action is done (netplane.events)
+    event: tuple | None = field(default=None, hash=False, compare=False)
 
     def describe(self) -> str:
         return f"{self.verb} {self.kind} {self.namespace + '/' if self.namespace else ''}{self.name}"
@@ -55,6 +57,11 @@ def patch(kind: str, obj: dict, body: dict, subresource: str | None = None) -> A
 def delete(kind: str, obj: dict) -> Action:
     namespace, name = key_of(obj)
     return Action("delete", kind, namespace, name)
+
+
+def told(action: Action, obj: dict, reason: str, message: str) -> Action:
+    """`action`, recording a Normal event about `obj` once done."""
+    return replace(action, event=(obj, "Normal", reason, message))
 
 
 def short_hash(value, length: int = 10) -> str:
@@ -114,12 +121,15 @@ def reconcile_deployment(deploy: dict, replicasets: list[dict]) -> list[Action]:
     replicas = deploy["spec"].get("replicas", 1)
     actions: list[Action] = []
     if current is None:
-        actions.append(create(wanted))
+        actions.append(told(create(wanted), deploy, "ScalingReplicaSet",
+                            f"Scaled up replica set {wanted['metadata']['name']} to {replicas}"))
     elif current["spec"].get("replicas") != replicas:
-        actions.append(patch("ReplicaSet", current, {"spec": {"replicas": replicas}}))
+        actions.append(told(patch("ReplicaSet", current, {"spec": {"replicas": replicas}}), deploy, "ScalingReplicaSet",
+                            _scaled(current, replicas)))
     for old in owned:
         if old is not current and old["spec"].get("replicas", 0) != 0:
-            actions.append(patch("ReplicaSet", old, {"spec": {"replicas": 0}}))
+            actions.append(told(patch("ReplicaSet", old, {"spec": {"replicas": 0}}), deploy, "ScalingReplicaSet",
+                                _scaled(old, 0)))
     status = {
         "observedGeneration": deploy["metadata"].get("generation", 1),
         "replicas": sum(rs.get("status", {}).get("replicas", 0) for rs in owned),
@@ -163,6 +173,11 @@ def _negated(timestamp: str) -> tuple:
     return tuple(-ord(c) for c in timestamp)
 
 
+def _scaled(rs: dict, replicas: int) -> str:
+    way = "up" if replicas > rs["spec"].get("replicas", 0) else "down"
+    return f"Scaled {way} replica set {rs['metadata']['name']} to {replicas}"
+
+
 def reconcile_replicaset(rs: dict, pods: list[dict], new_suffix=None) -> list[Action]:
     if is_terminating(rs):
         return []
@@ -172,9 +187,11 @@ def reconcile_replicaset(rs: dict, pods: list[dict], new_suffix=None) -> list[Ac
     diff = rs["spec"].get("replicas", 1) - len(owned)
     actions: list[Action] = []
     if diff > 0:
-        actions += [create(new_pod(rs, new_suffix())) for _ in range(diff)]
+        for pod in (new_pod(rs, new_suffix()) for _ in range(diff)):
+            actions.append(told(create(pod), rs, "SuccessfulCreate", f"Created pod: {pod['metadata']['name']}"))
     elif diff < 0:
-        actions += [delete("Pod", p) for p in sorted(owned, key=scale_down_order)[:-diff]]
+        actions += [told(delete("Pod", p), rs, "SuccessfulDelete", f"Deleted pod: {p['metadata']['name']}")
+                    for p in sorted(owned, key=scale_down_order)[:-diff]]
     status = {"replicas": len(owned), "readyReplicas": sum(1 for p in owned if pod_is_ready(p)),
               "observedGeneration": rs["metadata"].get("generation", 1)}
     if _differs(rs.get("status") or {}, status):
@@ -391,9 +408,11 @@ KINDS = ("Deployment", "ReplicaSet", "Pod", "Service", "EndpointSlice", "Node")
 class ControllerManager:
     def __init__(self, client, view, settings: Settings):
         from netplane.client import UnseenWrites   # the client (and aiohttp) only where it runs
+        from netplane.events import EventRecorder
         self.client = client
         self.view = view
         self.settings = settings
+        self.events = EventRecorder(client, "controller-manager")
         self.expectations = Expectations()
         self.assigned_cidrs = UnseenWrites(self.expectations.ttl)   # node name -> the podCIDR it was given
 
@@ -454,6 +473,8 @@ class ControllerManager:
             elif action.verb == "delete":
                 await self.client.delete(action.kind, action.name, action.namespace or None)
             log.info(action.describe())
+            if action.event:
+                self.events.emit(*action.event)
         except APIError as err:
             if not (action.verb == "create" and err.status == 409) and err.status != 404:
                 log.warning("%s failed: %s", action.describe(), err)

@@ -491,6 +491,16 @@ def _ingress_address(ing: dict) -> str:
     return _join((i.get("ip") or i.get("hostname") for i in ingress), "")
 
 
+def _event_object(event: dict) -> str:
+    ref = event.get("involvedObject") or {}
+    return f"{str(ref.get('kind', '')).lower()}/{ref.get('name', '')}"
+
+
+def _event_last_seen(event: dict, now: datetime) -> str:
+    return _since(event.get("lastTimestamp") or event.get("eventTime")
+                  or (event.get("metadata") or {}).get("creationTimestamp"), now)
+
+
 def _status(obj: dict, *path, default=0):
     value = obj.get("status") or {}
     for key in path:
@@ -498,6 +508,8 @@ def _status(obj: dict, *path, default=0):
     return default if value is None else value
 
 
+# Kinds whose table has its own NAME column (not the first one).
+NAME_NOT_FIRST = frozenset(["Event"])
 # kind -> [(header, cell(obj, now), wide-only)]
 Column = tuple[str, object, bool]
 COLUMNS: dict[str, list[Column]] = {
@@ -574,6 +586,20 @@ COLUMNS: dict[str, list[Column]] = {
         ("DATA", lambda o, n: str(len(o.get("data") or {}) + len(o.get("binaryData") or {})), False),
         ("AGE", _age, False),
     ],
+    # As kube-apiserver prints events: no NAME first (it comes last, with -o wide).
+    "Event": [
+        ("LAST SEEN", _event_last_seen, False),
+        ("TYPE", lambda o, n: o.get("type", ""), False),
+        ("REASON", lambda o, n: o.get("reason", ""), False),
+        ("OBJECT", lambda o, n: _event_object(o), False),
+        ("SUBOBJECT", lambda o, n: (o.get("involvedObject") or {}).get("fieldPath", ""), True),
+        ("SOURCE", lambda o, n: ", ".join(filter(None, [(o.get("source") or {}).get("component"),
+                                                        (o.get("source") or {}).get("host")])), True),
+        ("MESSAGE", lambda o, n: o.get("message", ""), False),
+        ("FIRST SEEN", lambda o, n: _since(o.get("firstTimestamp"), n), True),
+        ("COUNT", lambda o, n: str(o.get("count", 1)), True),
+        ("NAME", lambda o, n: objects.name_of(o), True),
+    ],
     "IngressClass": [
         ("CONTROLLER", lambda o, n: (o.get("spec") or {}).get("controller", ""), False),
         ("PARAMETERS", lambda o, n: "<none>", False),
@@ -588,12 +614,14 @@ def table_rows(kind: Kind, items: list[dict], wide: bool, all_namespaces: bool,
     several kinds are shown together)."""
     columns = [c for c in COLUMNS.get(kind.kind, [("AGE", _age, False)]) if wide or not c[2]]
     with_ns = all_namespaces and kind.namespaced
-    header = (["NAMESPACE"] if with_ns else []) + ["NAME"] + [c[0] for c in columns]
+    named = kind.kind not in NAME_NOT_FIRST
+    header = (["NAMESPACE"] if with_ns else []) + (["NAME"] if named else []) + [c[0] for c in columns]
     rows = [header]
     for obj in items:
         row = [objects.namespace_of(obj)] if with_ns else []
         prefix = f"{display_name(kind)}/" if kind_prefix else ""
-        row.append(prefix + objects.name_of(obj))
+        if named:
+            row.append(prefix + objects.name_of(obj))
         row += [str(cell(obj, now)) for _, cell, _ in columns]
         rows.append(row)
     return rows
@@ -601,8 +629,9 @@ def table_rows(kind: Kind, items: list[dict], wide: bool, all_namespaces: bool,
 
 def table_columns(kind: Kind) -> list[dict]:
     """meta.k8s.io Table columnDefinitions for `kind` (priority 1: only with -o wide)."""
-    columns = [{"name": "NAME", "type": "string", "format": "name", "priority": 0,
-                "description": "Name must be unique within a namespace."}]
+    columns = [] if kind.kind in NAME_NOT_FIRST else [
+        {"name": "NAME", "type": "string", "format": "name", "priority": 0,
+         "description": "Name must be unique within a namespace."}]
     for header, _, wide in COLUMNS.get(kind.kind, [("AGE", _age, False)]):
         columns.append({"name": header, "type": "string", "format": "", "priority": 1 if wide else 0,
                         "description": header.lower()})
@@ -611,8 +640,8 @@ def table_columns(kind: Kind) -> list[dict]:
 
 def table_cells(kind: Kind, obj: dict, now: datetime) -> list[str]:
     """One Table row's cells, in table_columns order."""
-    return [objects.name_of(obj)] + [str(cell(obj, now)) for _, cell, _ in
-                                     COLUMNS.get(kind.kind, [("AGE", _age, False)])]
+    first = [] if kind.kind in NAME_NOT_FIRST else [objects.name_of(obj)]
+    return first + [str(cell(obj, now)) for _, cell, _ in COLUMNS.get(kind.kind, [("AGE", _age, False)])]
 
 
 def format_table(rows: list[list[str]]) -> str:

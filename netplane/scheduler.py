@@ -97,8 +97,10 @@ def needs_scheduling(pod: dict) -> bool:
 
 class Scheduler:
     def __init__(self, client, view):
+        from netplane.events import EventRecorder
         self.client = client
         self.view = view
+        self.events = EventRecorder(client, "default-scheduler")
         self.recent: dict[tuple[str, str], tuple[str, float]] = {}  # pod key -> (node, when)
         self.unschedulable: dict[tuple[str, str], str] = {}
 
@@ -132,6 +134,7 @@ class Scheduler:
                 self.unschedulable.pop(key, None)
                 load[node] = load.get(node, 0) + 1
                 log.info("bound %s/%s to %s", *key, node)
+                self.events.emit(pod, "Normal", "Scheduled", f"Successfully assigned {key[0]}/{key[1]} to {node}")
             except APIError as err:
                 log.warning("binding %s/%s failed: %s", *key, err)
 
@@ -155,6 +158,7 @@ class Scheduler:
                                 key[0], "status")
         self.unschedulable[key] = why
         log.info("cannot schedule %s/%s: %s", *key, why)
+        self.events.emit(pod, "Warning", "FailedScheduling", why)
 
 
 def main(argv: list[str]) -> int:

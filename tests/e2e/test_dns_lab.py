@@ -1,7 +1,8 @@
 """Cluster DNS in a real lab: a pod asks kube-dns (10.96.0.10, the `netplane dns serve` pod behind it)
 through its own resolv.conf. A deleted Service is NXDOMAIN within a second; the search path resolves
 a short name and a name.namespace name; a pod's own a-b-c-d.<ns>.pod record answers (as kubeadm's
-CoreDNS does); kube-dns's own log is read through the API server (pods/log, from its node's agent).
+CoreDNS does); kube-dns's own log is read through the API server (pods/log, from its node's agent);
+the probe pod's sandbox and start are told in Events.
 
 A two-node lab (the DNS pod on the control plane, the probe pod on worker-1: the query crosses nodes
 and the ClusterIP DNAT). Services without selectors: DNS needs a ClusterIP, not endpoints, so no
@@ -133,3 +134,17 @@ def test_kube_dns_log_is_read_through_the_api_server_as_kubectl_logs_reads_it(po
                 return await resp.text()
     text = asyncio.run(read_log())
     assert '"component": "dns"' in text and '"msg": "zone built"' in text, text[-500:]
+
+
+def test_the_probe_pods_life_is_told_in_events_as_kubectl_describe_lists_them(pod_ns):
+    async def pod_events() -> list[dict]:
+        async with Client(SERVER) as client:
+            field = f"involvedObject.name={PROBE_POD['metadata']['name']},involvedObject.namespace=default"
+            return (await client.list("Event", "default", field_selector=field))["items"]
+    deadline = time.monotonic() + 10
+    while True:
+        seen = {(e["reason"], e["source"].get("component")) for e in asyncio.run(pod_events())}
+        if {("SandboxReady", "kubelet"), ("Started", "kubelet")} <= seen or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert {("SandboxReady", "kubelet"), ("Started", "kubelet")} <= seen, seen

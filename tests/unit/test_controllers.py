@@ -247,3 +247,20 @@ def test_a_pass_on_a_stale_view_gives_no_cidr_twice():
     # once the watch shows it, the controller forgets its own note
     worker2["spec"]["podCIDR"] = "10.244.0.0/24"
     assert manager.unseen_cidrs(view.list("Node"), 0.0) == {}
+
+
+def test_what_the_controllers_do_is_told_as_events_on_the_owner():
+    d = deployment(replicas=3)
+    [create_rs] = [a for a in c.reconcile_deployment(d, []) if a.kind == "ReplicaSet"]
+    rs_name = create_rs.body["metadata"]["name"]
+    assert create_rs.event == (d, "Normal", "ScalingReplicaSet", f"Scaled up replica set {rs_name} to 3")
+    current = stored(create_rs.body, "rs-uid")
+    [down] = [a for a in c.reconcile_deployment(deployment(replicas=1), [current]) if a.kind == "ReplicaSet"]
+    assert down.event[2:] == ("ScalingReplicaSet", f"Scaled down replica set {rs_name} to 1")
+    suffixes = iter("abc")
+    created = [a for a in c.reconcile_replicaset(current, [], new_suffix=lambda: next(suffixes)) if a.verb == "create"]
+    assert [a.event[2:] for a in created][0] == ("SuccessfulCreate", f"Created pod: {rs_name}-a")
+    assert all(a.event[0] is current for a in created)
+    one = {**current, "spec": {**current["spec"], "replicas": 0}}
+    [gone] = [a for a in c.reconcile_replicaset(one, [pod("p1", owner=current)]) if a.verb == "delete"]
+    assert gone.event[2:] == ("SuccessfulDelete", "Deleted pod: p1")
