@@ -1422,8 +1422,6 @@ class APIServer:
             raise path_not_found()
         raise web.HTTPMethodNotAllowed(method, ["GET", "PUT", "PATCH", "POST"])
 
-    # --- watch --------------------------------------------------------------------------------
-
     async def _pod_log(self, request: web.Request, namespace: str, name: str) -> web.StreamResponse:
         """pods/log: passed on to the agent of the pod's node (netplane.podlogs), streamed back."""
         pod = await self.registry.get(kinds.by_kind("Pod"), namespace, name)
@@ -1438,20 +1436,24 @@ class APIServer:
         except podlogs.LogError as err:
             raise APIStatus(err.status, _STATUS_REASONS.get(err.status, "BadRequest"), err.message) from None
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=None if query.follow else 30)
+        response = web.StreamResponse(headers={"Content-Type": "text/plain"})
         try:
             async with aiohttp.ClientSession(timeout=timeout) as session, \
                     session.get(url, params=query.as_query()) as upstream:
                 if upstream.status != 200:
                     raise APIStatus(upstream.status, _STATUS_REASONS.get(upstream.status, "InternalError"),
                                     (await upstream.text()).strip())
-                response = web.StreamResponse(headers={"Content-Type": "text/plain"})
                 await response.prepare(request)
                 async for chunk in upstream.content.iter_any():
                     await response.write(chunk)
                 await response.write_eof()
                 return response
         except (aiohttp.ClientError, asyncio.TimeoutError) as err:
+            if response.prepared:   # the agent went away mid-stream: the log just ends there
+                return response
             raise APIStatus(500, "InternalError", f'Get "{url}": {err or "timeout"}') from None
+
+    # --- watch --------------------------------------------------------------------------------
 
     async def _watch(self, request: web.Request, path: ResourcePath, selector: Selector) -> web.StreamResponse:
         timeout = request.query.get("timeoutSeconds")
