@@ -203,6 +203,8 @@ class Allocators:
         return {**service, "spec": spec}
 
     def _assign_cluster_ip(self, service: dict, spec: dict, old_spec: dict, undo: list) -> None:
+        if spec.get("type") != "ExternalName":
+            self._assign_ip_families(spec)
         if not wants_cluster_ip(service):
             if spec.get("clusterIP") != "None":
                 spec.pop("clusterIP", None)
@@ -222,6 +224,19 @@ class Allocators:
             undo.append(lambda: self.cluster_ips.release(ip))
         spec["clusterIP"] = ip
         spec["clusterIPs"] = [ip]
+
+    def _assign_ip_families(self, spec: dict) -> None:
+        """ipFamilyPolicy and ipFamilies defaulted as Kubernetes does on a single-stack cluster (the
+        family of the service CIDR); asking for the other family, or for both, is refused in its words."""
+        family = f"IPv{self.cluster_ips.network.version}"
+        policy = spec.get("ipFamilyPolicy") or "SingleStack"
+        if policy == "RequireDualStack":
+            raise AllocationError("spec.ipFamilyPolicy", policy, "this cluster is not configured for dual-stack services")
+        for index, wanted in enumerate(spec.get("ipFamilies") or []):
+            if wanted != family:
+                raise AllocationError(f"spec.ipFamilies[{index}]", wanted, "not configured on this cluster")
+        spec["ipFamilyPolicy"] = policy
+        spec["ipFamilies"] = [family]
 
     def _assign_node_ports(self, service: dict, spec: dict, old_spec: dict, undo: list) -> None:
         ports = [dict(p) for p in spec.get("ports") or []]

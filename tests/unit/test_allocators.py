@@ -88,6 +88,28 @@ def test_assign_gives_clusterip_and_node_ports_and_nothing_to_headless_or_extern
     assert "nodePort" not in plain["spec"]["ports"][0]  # only NodePort/LoadBalancer keep node ports
 
 
+def test_ip_families_are_defaulted_single_stack_and_the_other_family_is_refused():
+    alloc = Allocators()
+    spec = alloc.assign(service())["spec"]
+    assert (spec["ipFamilyPolicy"], spec["ipFamilies"]) == ("SingleStack", ["IPv4"])
+    preferred = alloc.assign({**service("p"), "spec": {**service()["spec"], "ipFamilyPolicy": "PreferDualStack"}})
+    assert (preferred["spec"]["ipFamilyPolicy"], preferred["spec"]["ipFamilies"]) == ("PreferDualStack", ["IPv4"])
+    assert alloc.assign(service("h", cluster_ip="None"))["spec"]["ipFamilies"] == ["IPv4"]
+    external = alloc.assign({"kind": "Service", "metadata": {"name": "x"},
+                             "spec": {"type": "ExternalName", "externalName": "example.com"}})
+    assert "ipFamilies" not in external["spec"] and "ipFamilyPolicy" not in external["spec"]
+    for extra, field, message in [({"ipFamilyPolicy": "RequireDualStack"}, "spec.ipFamilyPolicy",
+                                    "this cluster is not configured for dual-stack services"),
+                                   ({"ipFamilies": ["IPv6"]}, "spec.ipFamilies[0]", "not configured on this cluster"),
+                                   ({"ipFamilies": ["IPv4", "IPv6"], "ipFamilyPolicy": "PreferDualStack"},
+                                    "spec.ipFamilies[1]", "not configured on this cluster")]:
+        with pytest.raises(AllocationError) as err:
+            alloc.assign({**service("bad"), "spec": {**service()["spec"], **extra}})
+        assert (err.value.field, err.value.message) == (field, message)
+    v6 = Allocators(ClusterIPAllocator("fd00:10:96::/112")).assign(service())["spec"]
+    assert v6["ipFamilies"] == ["IPv6"] and ":" in v6["clusterIP"]
+
+
 def test_a_failed_assign_leaves_nothing_allocated():
     alloc = Allocators()
     alloc.assign(service("a", svc_type="NodePort", ports=[{"port": 80, "nodePort": 30001}]))
