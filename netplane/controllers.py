@@ -95,10 +95,22 @@ def is_terminating(obj: dict) -> bool:
 # Deployments
 
 
+def zero_values_dropped(value):
+    """`value` without nulls and empty objects or lists, at any depth: what Go's structs make of a
+    template (a `creationTimestamp: null` or `resources: {}` that `kubectl rollout undo` sends back is
+    the same template as one without them, so it must give the same ReplicaSet)."""
+    if isinstance(value, dict):
+        pairs = ((k, zero_values_dropped(v)) for k, v in value.items())
+        return {k: v for k, v in pairs if v is not None and v != {} and v != []}
+    if isinstance(value, list):
+        return [zero_values_dropped(v) for v in value]
+    return value
+
+
 def replicaset_for(deploy: dict) -> dict:
     """The ReplicaSet a Deployment's current pod template calls for."""
     template = deploy["spec"]["template"]
-    template_hash = short_hash(template)
+    template_hash = short_hash(zero_values_dropped(template))
     labels = {**(template.get("metadata", {}).get("labels") or {}), "pod-template-hash": template_hash}
     selector = dict(deploy["spec"]["selector"])
     selector["matchLabels"] = {**(selector.get("matchLabels") or {}), "pod-template-hash": template_hash}
@@ -112,6 +124,40 @@ def replicaset_for(deploy: dict) -> dict:
     }
 
 
+REVISION = "deployment.kubernetes.io/revision"
+CHANGE_CAUSE = "kubernetes.io/change-cause"
+
+
+def revision_of(obj: dict) -> int:
+    try:
+        return int(((obj.get("metadata") or {}).get("annotations") or {}).get(REVISION, "0"))
+    except ValueError:
+        return 0
+
+
+def _revision_actions(deploy: dict, current: dict | None, wanted: dict, owned: list[dict]) -> list[Action]:
+    """Revisions as the deployment controller numbers them (what `kubectl rollout history` lists and
+    `rollout undo` goes back by): a new ReplicaSet gets the next number, an old one that becomes
+    current again (a rollback) too, and the Deployment carries its current ReplicaSet's number."""
+    others = max((revision_of(rs) for rs in owned if rs is not current), default=0)
+    cause = ((deploy["metadata"].get("annotations") or {}).get(CHANGE_CAUSE))
+    stamp = {REVISION: str(others + 1), **({CHANGE_CAUSE: cause} if cause else {})}
+    actions = []
+    if current is None:
+        wanted["metadata"]["annotations"] = stamp
+        revision = others + 1
+    elif revision_of(current) <= others:
+        actions.append(patch("ReplicaSet", current, {"metadata": {"annotations": stamp}}))
+        revision = others + 1
+    else:
+        revision = revision_of(current)
+        if cause and (current["metadata"].get("annotations") or {}).get(CHANGE_CAUSE) != cause:
+            actions.append(patch("ReplicaSet", current, {"metadata": {"annotations": {CHANGE_CAUSE: cause}}}))
+    if (deploy["metadata"].get("annotations") or {}).get(REVISION) != str(revision):
+        actions.append(patch("Deployment", deploy, {"metadata": {"annotations": {REVISION: str(revision)}}}))
+    return actions
+
+
 def reconcile_deployment(deploy: dict, replicasets: list[dict]) -> list[Action]:
     if is_terminating(deploy):
         return []
@@ -119,7 +165,7 @@ def reconcile_deployment(deploy: dict, replicasets: list[dict]) -> list[Action]:
     owned = [rs for rs in replicasets if controlled_by(rs, deploy)]
     current = next((rs for rs in owned if rs["metadata"]["name"] == wanted["metadata"]["name"]), None)
     replicas = deploy["spec"].get("replicas", 1)
-    actions: list[Action] = []
+    actions: list[Action] = _revision_actions(deploy, current, wanted, owned)
     if current is None:
         actions.append(told(create(wanted), deploy, "ScalingReplicaSet",
                             f"Scaled up replica set {wanted['metadata']['name']} to {replicas}"))

@@ -264,3 +264,46 @@ def test_what_the_controllers_do_is_told_as_events_on_the_owner():
     one = {**current, "spec": {**current["spec"], "replicas": 0}}
     [gone] = [a for a in c.reconcile_replicaset(one, [pod("p1", owner=current)]) if a.verb == "delete"]
     assert gone.event[2:] == ("SuccessfulDelete", "Deleted pod: p1")
+
+
+def test_revisions_number_each_template_and_a_rollback_becomes_the_newest():
+    def annotations_patch(actions, kind):
+        return [a.body["metadata"]["annotations"] for a in actions if a.kind == kind and a.verb == "patch"
+                and "metadata" in a.body]
+    v1 = deployment(image="netplane/echo:v1")
+    first = c.reconcile_deployment(v1, [])
+    [rs1_body] = [a.body for a in first if a.verb == "create"]
+    assert rs1_body["metadata"]["annotations"] == {c.REVISION: "1"}
+    assert annotations_patch(first, "Deployment") == [{c.REVISION: "1"}]
+    rs1 = stored(rs1_body, "rs1")
+    v2 = deployment(image="netplane/echo:v2")
+    v2["metadata"]["annotations"] = {c.CHANGE_CAUSE: "move to v2"}
+    second = c.reconcile_deployment(v2, [rs1])
+    [rs2_body] = [a.body for a in second if a.verb == "create"]
+    assert rs2_body["metadata"]["annotations"] == {c.REVISION: "2", c.CHANGE_CAUSE: "move to v2"}
+    rs2 = stored(rs2_body, "rs2")
+    v2["metadata"]["annotations"] = {c.REVISION: "2", c.CHANGE_CAUSE: "v2, said later"}   # `kubectl annotate`
+    assert annotations_patch(c.reconcile_deployment(v2, [rs1, rs2]), "ReplicaSet") == [
+        {c.CHANGE_CAUSE: "v2, said later"}]
+    back = {**v1, "metadata": {**v1["metadata"], "annotations": {c.REVISION: "2"}}}   # `rollout undo`
+    rollback = c.reconcile_deployment(back, [rs1, rs2])
+    assert not [a for a in rollback if a.verb == "create"]
+    assert annotations_patch(rollback, "ReplicaSet") == [{c.REVISION: "3"}]
+    assert annotations_patch(rollback, "Deployment") == [{c.REVISION: "3"}]
+    settled = {**rs1, "metadata": {**rs1["metadata"], "annotations": {c.REVISION: "3"}}}
+    at_three = {**v1, "metadata": {**v1["metadata"], "annotations": {c.REVISION: "3"}}}
+    assert annotations_patch(c.reconcile_deployment(at_three, [settled, rs2]), "ReplicaSet") == []
+    assert annotations_patch(c.reconcile_deployment(at_three, [settled, rs2]), "Deployment") == []
+
+
+def test_a_template_sent_back_with_go_zero_values_is_the_same_replicaset():
+    plain = deployment()
+    undone = deployment()
+    template = undone["spec"]["template"]
+    template["metadata"]["creationTimestamp"] = None          # as `kubectl rollout undo` sends it
+    template["spec"]["containers"][0]["resources"] = {}
+    template["spec"]["containers"][0]["env"] = []
+    assert c.replicaset_for(undone)["metadata"]["name"] == c.replicaset_for(plain)["metadata"]["name"]
+    other = deployment()
+    other["spec"]["template"]["spec"]["containers"][0]["args"] = ["--port", "9090"]
+    assert c.replicaset_for(other)["metadata"]["name"] != c.replicaset_for(plain)["metadata"]["name"]
