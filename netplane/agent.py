@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from netplane import daemon, netns, overlay, podlogs, podnet, runtime
+from netplane import daemon, netns, overlay, podexec, podlogs, podnet, runtime
 from netplane.daemon import log_fields
 from netplane.events import EventRecorder
 from netplane.podnet import PodRef
@@ -748,6 +748,14 @@ class Agent:
                                         f"{record.reason}")
         return str(worker.dir / f"{container}.log"), record
 
+    def exec_target(self, namespace: str, name: str, container: str) -> PodWorker:
+        """The pod to run a `kubectl exec` command in: on this node, its container running."""
+        _, record = self.log_file(namespace, name, container)
+        worker = next(w for w in self.workers.values() if (w.ref.namespace, w.ref.name) == (namespace, name))
+        if record.state != "running" or not worker.sandbox.ready:
+            raise podexec.ExecError(400, f'container "{container}" in pod "{name}" is not running')
+        return worker
+
     def rotate_logs(self) -> None:
         """Bound every container log on this node (podlogs.rotate_if_large); count the rotations."""
         for worker in list(self.workers.values()):
@@ -974,8 +982,9 @@ def set_ip_forward() -> None:
         log_fields(log, logging.WARNING, "cannot enable ip_forward", error=str(err))
 
 
-def add_log_route(app, agent_or_none) -> None:
-    """GET /containerLogs/{namespace}/{pod}/{container} (the kubelet's path) on the health port."""
+def add_pod_routes(app, agent_or_none) -> None:
+    """The kubelet's paths on the health port: GET /containerLogs/{namespace}/{pod}/{container} and
+    the WebSocket /exec/{namespace}/{pod}/{container}."""
     from aiohttp import web
 
     async def container_logs(request: web.Request) -> web.StreamResponse:
@@ -999,7 +1008,29 @@ def add_log_route(app, agent_or_none) -> None:
         await response.write_eof()
         return response
 
+    async def pod_exec(request: web.Request) -> web.StreamResponse:
+        agent = agent_or_none()
+        info = request.match_info
+        protocol = podexec.choose_protocol(request.headers.get("Sec-WebSocket-Protocol", ""))
+        try:
+            if agent is None:
+                raise podexec.ExecError(503, "the agent is starting")
+            if protocol is None:
+                raise podexec.ExecError(400, f"exec speaks {', '.join(podexec.PROTOCOLS)} over a WebSocket")
+            wanted = podexec.ExecRequest.parse(request.query)
+            worker = agent.exec_target(info["namespace"], info["pod"], info["container"])
+        except (podexec.ExecError, podlogs.LogError) as err:
+            return web.Response(status=err.status, text=err.message)
+        ws = web.WebSocketResponse(protocols=[protocol])
+        await ws.prepare(request)
+        log_fields(log, logging.INFO, "exec", pod=worker.label, container=info["container"], command=wanted.command)
+        await podexec.run(ws, runtime.process_argv(worker.ref.netns, worker.ref.hostname, list(wanted.command)),
+                          wanted, protocol)
+        await ws.close()
+        return ws
+
     app.router.add_get("/containerLogs/{namespace}/{pod}/{container}", container_logs)
+    app.router.add_get("/exec/{namespace}/{pod}/{container}", pod_exec)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1018,7 +1049,7 @@ def main(argv: list[str] | None = None) -> int:
     cni_helper_process = cni_helper.start_or_none()
     try:
         return daemon.run_client_daemon(lambda client: Agent(config, client), config.server, "agent",
-                                        config.health_listen, Agent.healthy, add_log_route)
+                                        config.health_listen, Agent.healthy, add_pod_routes)
     finally:
         cni_helper.stop(cni_helper_process)
 

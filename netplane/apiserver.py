@@ -31,7 +31,7 @@ import yaml
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
 
-from netplane import daemon, events, kinds, podlogs, validation
+from netplane import daemon, events, kinds, podexec, podlogs, validation
 from netplane import store as store_mod
 from netplane.allocators import AllocationError, Allocators
 from netplane.kinds import KINDS, Kind
@@ -130,6 +130,22 @@ def _cause_reason(message: str) -> str:
 
 
 _STATUS_REASONS = {400: "BadRequest", 404: "NotFound", 500: "InternalError", 503: "ServiceUnavailable"}
+
+
+async def _relay(one, other) -> None:
+    """Copy WebSocket messages both ways until either side closes; then close both."""
+    async def pump(source, sink):
+        async for message in source:
+            if message.type == aiohttp.WSMsgType.BINARY:
+                await sink.send_bytes(message.data)
+            elif message.type == aiohttp.WSMsgType.TEXT:
+                await sink.send_str(message.data)
+    pumps = [asyncio.ensure_future(pump(one, other)), asyncio.ensure_future(pump(other, one))]
+    await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
+    for task in pumps:
+        task.cancel()
+    await asyncio.gather(*pumps, return_exceptions=True)
+    await asyncio.gather(one.close(), other.close(), return_exceptions=True)
 
 
 def bad_request(message: str) -> APIStatus:
@@ -923,6 +939,7 @@ def _subresources(kind: Kind) -> list[tuple[str, str, str, str, list[str]]]:
     if kind.kind == "Pod":
         subs.append(("binding", "", "v1", "Binding", ["create"]))
         subs.append(("log", "", "v1", "Pod", ["get"]))
+        subs.append(("exec", "", "v1", "PodExecOptions", ["create", "get"]))
     return subs
 
 
@@ -1418,6 +1435,9 @@ class APIServer:
         elif sub == "log" and kind.kind == "Pod":
             if method == "GET":
                 return await self._pod_log(request, ns, name)
+        elif sub == "exec" and kind.kind == "Pod":
+            if method in ("GET", "POST"):
+                return await self._pod_exec(request, ns, name)
         else:
             raise path_not_found()
         raise web.HTTPMethodNotAllowed(method, ["GET", "PUT", "PATCH", "POST"])
@@ -1452,6 +1472,37 @@ class APIServer:
             if response.prepared:   # the agent went away mid-stream: the log just ends there
                 return response
             raise APIStatus(500, "InternalError", f'Get "{url}": {err or "timeout"}') from None
+
+    async def _pod_exec(self, request: web.Request, namespace: str, name: str) -> web.StreamResponse:
+        """pods/exec: the client's WebSocket relayed, message by message, to one opened to the agent of
+        the pod's node (netplane.podexec). Refusals come back as plain errors, before any upgrade."""
+        protocol = podexec.choose_protocol(request.headers.get("Sec-WebSocket-Protocol", ""))
+        pod = await self.registry.get(kinds.by_kind("Pod"), namespace, name)
+        try:
+            if protocol is None or request.headers.get("Upgrade", "").lower() != "websocket":
+                raise podexec.ExecError(400, "Upgrade request required: exec speaks "
+                                             f"{', '.join(podexec.PROTOCOLS)} over a WebSocket")
+            wanted = podexec.ExecRequest.parse(request.query)
+            container = podlogs.container_of(pod, request.query.get("container"))
+            node_name = (pod.get("spec") or {}).get("nodeName")
+            if not node_name:
+                raise podlogs.LogError(400, f"pod {name} does not have a host assigned")
+            node = await self.registry.get(kinds.by_kind("Node"), None, node_name)
+            url = podlogs.agent_url(node, f"/exec/{namespace}/{name}/{container}")
+        except (podexec.ExecError, podlogs.LogError) as err:
+            raise APIStatus(err.status, _STATUS_REASONS.get(err.status, "BadRequest"), err.message) from None
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=5)) as session:
+            try:
+                agent = await session.ws_connect(url, protocols=[protocol], params=wanted.as_query())
+            except aiohttp.WSServerHandshakeError as err:
+                raise APIStatus(err.status, _STATUS_REASONS.get(err.status, "InternalError"),
+                                f"the agent on {node_name} refused: {err.message}") from None
+            except aiohttp.ClientError as err:
+                raise APIStatus(500, "InternalError", f'Get "{url}": {err}') from None
+            client = web.WebSocketResponse(protocols=[protocol])
+            await client.prepare(request)
+            await _relay(client, agent)
+            return client
 
     # --- watch --------------------------------------------------------------------------------
 

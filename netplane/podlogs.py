@@ -89,17 +89,22 @@ def container_of(pod: dict, wanted: str | None) -> str:
     return names[0]
 
 
-def agent_log_url(node: dict, namespace: str, pod: str, container: str) -> str:
-    """Where the node's agent serves this container's log (its InternalIP, its daemonEndpoints port)."""
+def agent_url(node: dict, path: str) -> str:
+    """An address of the node's agent (its InternalIP, its daemonEndpoints port): logs, exec."""
     status = node.get("status") or {}
     address = next((a.get("address") for a in status.get("addresses") or [] if a.get("type") == "InternalIP"), "")
     port = ((status.get("daemonEndpoints") or {}).get("kubeletEndpoint") or {}).get("Port")
     node_name = (node.get("metadata") or {}).get("name", "")
     if not address or not port:
-        raise LogError(503, f"node {node_name} publishes no address and port for logs "
+        raise LogError(503, f"node {node_name} publishes no address and port for its agent "
                             "(status.daemonEndpoints.kubeletEndpoint.Port: its agent runs without --health-listen)")
     host = f"[{address}]" if ":" in address else address
-    return f"http://{host}:{port}/containerLogs/{namespace}/{pod}/{container}"
+    return f"http://{host}:{port}{path}"
+
+
+def agent_log_url(node: dict, namespace: str, pod: str, container: str) -> str:
+    """Where the node's agent serves this container's log."""
+    return agent_url(node, f"/containerLogs/{namespace}/{pod}/{container}")
 
 
 def tail(data: bytes, lines: int) -> bytes:

@@ -2,7 +2,7 @@
 through its own resolv.conf. A deleted Service is NXDOMAIN within a second; the search path resolves
 a short name and a name.namespace name; a pod's own a-b-c-d.<ns>.pod record answers (as kubeadm's
 CoreDNS does); kube-dns's own log is read through the API server (pods/log, from its node's agent);
-the probe pod's sandbox and start are told in Events.
+the probe pod's sandbox and start are told in Events; a command exec'd in it sees its resolver.
 
 A two-node lab (the DNS pod on the control plane, the probe pod on worker-1: the query crosses nodes
 and the ClusterIP DNAT). Services without selectors: DNS needs a ClusterIP, not endpoints, so no
@@ -148,3 +148,12 @@ def test_the_probe_pods_life_is_told_in_events_as_kubectl_describe_lists_them(po
             break
         time.sleep(0.2)
     assert {("SandboxReady", "kubelet"), ("Started", "kubelet")} <= seen, seen
+
+
+def test_kubectl_exec_runs_in_the_pod_with_its_resolver(pod_ns):
+    """pods/exec through the API server to the node's agent: the pod's own resolv.conf answers."""
+    from tests.unit.test_podexec import exec_over
+    url = f"{SERVER}/api/v1/namespaces/default/pods/{PROBE_POD['metadata']['name']}/exec"
+    out, _, status = asyncio.run(exec_over(url, ["sh", "-c", "cat /etc/resolv.conf; ip -4 -o addr show eth0"]))
+    assert status == {"metadata": {}, "status": "Success"}, status
+    assert f"nameserver {KUBE_DNS}".encode() in out and b"inet 10.244." in out, out

@@ -56,7 +56,7 @@ def test_the_agent_is_found_from_its_node():
                                                    "daemonEndpoints": {"kubeletEndpoint": {"Port": 10248}}}}
     assert podlogs.agent_log_url(node, "ns", "p", "c") == "http://192.168.56.11:10248/containerLogs/ns/p/c"
     del node["status"]["daemonEndpoints"]
-    with pytest.raises(LogError, match="node n1 publishes no address and port for logs") as err:
+    with pytest.raises(LogError, match="node n1 publishes no address and port for its agent") as err:
         podlogs.agent_log_url(node, "ns", "p", "c")
     assert err.value.status == 503
 
@@ -92,7 +92,7 @@ def free_port() -> int:
 
 async def serve_agent(agent) -> tuple[web.AppRunner, int]:
     app = web.Application()
-    agent_mod.add_log_route(app, lambda: agent)
+    agent_mod.add_pod_routes(app, lambda: agent)
     runner = web.AppRunner(app)
     await runner.setup()
     port = free_port()

@@ -1,0 +1,117 @@
+"""`kubectl exec`: the channel protocol (pure), and a command run through a real API server and a real
+agent endpoint over WebSockets, as kubectl speaks to them (streams, exit codes, stdin and its close,
+a terminal, the older v4 protocol, refusals)."""
+from __future__ import annotations
+
+import asyncio
+import json
+from types import SimpleNamespace
+
+import aiohttp
+import pytest
+from multidict import MultiDict
+
+from netplane import agent as agent_mod
+from netplane import podexec, runtime
+from netplane.client import Client
+from netplane.podexec import ExecError, ExecRequest
+from tests.unit.test_apiserver import RunningAPIServer
+from tests.unit.test_podlogs import fake_agent, pod, serve_agent
+
+
+def test_requests_name_their_command_and_streams():
+    request = ExecRequest.parse(MultiDict([("command", "sh"), ("command", "-c"), ("command", "echo hi"),
+                                           ("stdin", "true"), ("tty", "true"), ("stderr", "true")]))
+    assert request.command == ("sh", "-c", "echo hi") and request.stdin and request.tty
+    assert not request.stderr   # a terminal has one output stream
+    with pytest.raises(ExecError, match="at least one command"):
+        ExecRequest.parse(MultiDict())
+    with pytest.raises(ExecError, match="at least 1 of stdin, stdout, stderr"):
+        ExecRequest.parse(MultiDict([("command", "ls"), ("stdout", "false"), ("stderr", "false")]))
+
+
+def test_the_best_protocol_both_speak_is_chosen():
+    assert podexec.choose_protocol("v5.channel.k8s.io, v4.channel.k8s.io, channel.k8s.io") == "v5.channel.k8s.io"
+    assert podexec.choose_protocol("v4.channel.k8s.io,v3.channel.k8s.io") == "v4.channel.k8s.io"
+    assert podexec.choose_protocol("channel.k8s.io") is None
+
+
+def test_outcomes_are_statuses_as_kubectl_reads_them():
+    assert json.loads(podexec.outcome(0, ("ls",))[1:]) == {"metadata": {}, "status": "Success"}
+    failed = json.loads(podexec.outcome(3, ("sh", "-c", "exit 3"))[1:])
+    assert failed["reason"] == "NonZeroExitCode" and failed["details"]["causes"] == [{"reason": "ExitCode",
+                                                                                       "message": "3"}]
+    assert podexec.outcome(0, ("ls",))[0] == podexec.ERROR
+
+
+# ------------------------------------------------------------------------------ through the API server
+
+async def exec_over(url: str, command: list[str], stdin: bytes | None = None, tty: bool = False,
+                    protocol: str = "v5.channel.k8s.io") -> tuple[bytes, bytes, dict]:
+    """As kubectl does: (stdout, stderr, the final status)."""
+    params = [("command", c) for c in command] + [("stdin", "true" if stdin is not None else "false"),
+                                                  ("stdout", "true"), ("stderr", "false" if tty else "true"),
+                                                  ("tty", "true" if tty else "false")]
+    out, err, status = b"", b"", None
+    async with aiohttp.ClientSession() as session, session.ws_connect(url, protocols=[protocol], params=params) as ws:
+        if stdin is not None:
+            await ws.send_bytes(bytes([podexec.STDIN]) + stdin)
+            await ws.send_bytes(bytes([podexec.CLOSE, podexec.STDIN]))
+        async for message in ws:
+            channel, data = message.data[0], message.data[1:]
+            if channel == podexec.STDOUT:
+                out += data
+            elif channel == podexec.STDERR:
+                err += data
+            elif channel == podexec.ERROR:
+                status = json.loads(data)
+    return out, err, status
+
+
+def test_exec_runs_through_the_api_server_on_the_pods_agent(tmp_path, monkeypatch):
+    monkeypatch.setattr(runtime, "process_argv", lambda netns, hostname, argv: argv)   # no netns in unit tests
+    agent = fake_agent(tmp_path)
+    worker = agent.workers["uid"]
+    worker.sandbox, worker.ref.netns, worker.ref.hostname, worker.label = SimpleNamespace(ready=True), "x", "p", "default/p"
+    agent.exec_target = lambda ns, name, container: agent_mod.Agent.exec_target(agent, ns, name, container)
+
+    async def scenario(url: str):
+        runner, port = await serve_agent(agent)
+        try:
+            async with Client(url) as client:
+                await client.create({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "n1"}})
+                node = await client.get("Node", "n1")
+                node["status"] = {"addresses": [{"type": "InternalIP", "address": "127.0.0.1"}],
+                                  "daemonEndpoints": {"kubeletEndpoint": {"Port": port}}}
+                await client.update(node, "status")
+                await client.create({"apiVersion": "v1", "kind": "Pod", **pod()})
+            exec_url = f"{url}/api/v1/namespaces/default/pods/p/exec"
+            results = {
+                "streams": await exec_over(exec_url, ["sh", "-c", "echo out; echo err >&2; exit 3"]),
+                "stdin": await exec_over(exec_url, ["cat"], stdin=b"typed\n"),
+                "tty": await exec_over(exec_url, ["sh", "-c", "tty >/dev/null && echo on a terminal"], tty=True),
+                "v4": await exec_over(exec_url, ["echo", "old"], protocol="v4.channel.k8s.io"),
+            }
+            async with aiohttp.ClientSession() as session:
+                async with session.get(exec_url, params=[("command", "ls")]) as plain:   # no WebSocket
+                    results["plain"] = (plain.status, await plain.text())
+                agent.record.set_terminated(0, "2026-12-01T00:00:01Z")
+                try:
+                    await session.ws_connect(exec_url, protocols=["v5.channel.k8s.io"], params=[("command", "ls")])
+                    results["stopped"] = None
+                except aiohttp.WSServerHandshakeError as err:
+                    results["stopped"] = err.status
+            return results
+        finally:
+            await runner.cleanup()
+
+    with RunningAPIServer(str(tmp_path / "api.db")) as api:
+        results = asyncio.run(scenario(api.url))
+    out, err, status = results["streams"]
+    assert (out, err) == (b"out\n", b"err\n") and status["reason"] == "NonZeroExitCode"
+    assert status["details"]["causes"][0]["message"] == "3"
+    assert results["stdin"][0] == b"typed\n" and results["stdin"][2]["status"] == "Success"
+    assert results["tty"][0] == b"on a terminal\r\n"   # a terminal's line ends
+    assert results["v4"][0] == b"old\n" and results["v4"][2]["status"] == "Success"
+    assert results["plain"][0] == 400 and "over a WebSocket" in results["plain"][1]
+    assert results["stopped"] == 400   # the container is not running: refused before any upgrade
