@@ -832,6 +832,9 @@ class Agent:
                                      "spec": {"taints": list(self.config.taints) or None}})
             log_fields(log, logging.INFO, "node updated", node=self.config.node_name)
         await self.heartbeat()
+        node = await self.client.get("Node", self.config.node_name)
+        self.events.emit(node, "Normal", "Starting", f"Starting netplane agent ({AGENT_VERSION}).")
+        self.events.emit(node, "Normal", "NodeReady", f"Node {self.config.node_name} status is now: NodeReady")
 
     async def heartbeat(self) -> None:
         status = node_status(self.config, self.facts, now_rfc3339(), self.ready_since)

@@ -157,3 +157,12 @@ def test_kubectl_exec_runs_in_the_pod_with_its_resolver(pod_ns):
     out, _, status = asyncio.run(exec_over(url, ["sh", "-c", "cat /etc/resolv.conf; ip -4 -o addr show eth0"]))
     assert status == {"metadata": {}, "status": "Success"}, status
     assert f"nameserver {KUBE_DNS}".encode() in out and b"inet 10.244." in out, out
+
+
+def test_each_node_agent_tells_its_start_in_events(pod_ns):
+    async def node_events() -> set:
+        async with Client(SERVER) as client:
+            items = (await client.list("Event", "default", field_selector="involvedObject.kind=Node"))["items"]
+            return {(e["involvedObject"]["name"], e["reason"]) for e in items}
+    seen = asyncio.run(node_events())
+    assert {(node, "NodeReady") for node in ("control-plane", "worker-1")} <= seen, seen
