@@ -188,15 +188,6 @@ class Proxy:
                 return endpoint
         return None
 
-    def take_idle(self, endpoint: Endpoint) -> UpstreamConnection | None:
-        pool = self.pools.get(endpoint)
-        while pool:
-            conn = pool.pop()
-            if not conn.closed:
-                self.stats.upstream_reused += 1
-                return conn
-        return None
-
     def give_back(self, conn: UpstreamConnection) -> None:
         pool = self.pools.get(conn.endpoint)
         if pool is None:
@@ -564,7 +555,7 @@ class ClientConnection(asyncio.Protocol):
         ex.endpoint = endpoint
         proxy = self.proxy
         pool = proxy.pools.get(endpoint)
-        while pool:
+        while pool:   # an idle pooled connection (one the server closed meanwhile is dropped)
             conn = pool.pop()
             if not conn.closed:
                 proxy.stats.upstream_reused += 1
