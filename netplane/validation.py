@@ -524,8 +524,8 @@ def _validate_ingress_rule(rule: dict, path: str, errors: list) -> None:
         if path_type in ("Exact", "Prefix"):
             if not (isinstance(value, str) and value.startswith("/")):
                 errors.append((f"{item_path}.path", invalid(value, "must be an absolute path")))
-            elif invalid_ingress_path(value):
-                errors.append((f"{item_path}.path", invalid(value, invalid_ingress_path(value))))
+            elif reason := invalid_ingress_path(value):
+                errors.append((f"{item_path}.path", invalid(value, reason)))
         elif value and not (isinstance(value, str) and value.startswith("/")):
             errors.append((f"{item_path}.path", invalid(value, "must be an absolute path")))
         if "backend" not in item:
