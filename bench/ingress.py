@@ -341,7 +341,7 @@ def start_backend(kind: str, workdir: Path, port: int, cpus: str | None) -> subp
     if kind == "nginx":
         argv = ["nginx", "-c", str(backend_nginx_conf(workdir, port))]
         return subprocess.Popen(pinned(argv, cpus))
-    return subprocess.Popen(pinned([*NETPLANE, "echo", "--port", str(port)], cpus),
+    return subprocess.Popen(pinned([*NETPLANE, "echo", "--quiet", "--port", str(port)], cpus),
                             env={**os.environ, "POD_NAME": "bench-echo"}, stdout=subprocess.DEVNULL)
 
 

@@ -7,6 +7,8 @@ with curl): which pod answered (POD_NAME, POD_NAMESPACE, POD_IP, NODE_NAME, NETP
 the environment the node agent sets), who asked (the client's ip:port as this server sees it,
 which shows whether a hop masqueraded), and what was asked (Host header, method, path).
 `/healthz` answers `ok`. Ports: `--port` flags, else NETPLANE_CONTAINER_PORTS, else 8080.
+Each request (but /healthz) is also logged on stdout, one line, so `kubectl logs` shows who reached
+the pod and from which address (a masqueraded hop shows as the node's address); `--quiet` stops it.
 
 It starts once per pod, so it imports only asyncio, uvloop and httptools (no aiohttp).
 """
@@ -72,6 +74,11 @@ def answer_body(facts: PodFacts, client: str, host: str, method: str, path: str)
     return "".join(f"{key}: {yaml_scalar(value)}\n" for key, value in fields).encode()
 
 
+def request_line(client: str, host: str, method: str, path: str) -> str:
+    """One request, as the log shows it."""
+    return f"{client} {method} {path} host={host or '-'}"
+
+
 def response_bytes(status: str, body: bytes, keep_alive: bool, head: bool = False) -> bytes:
     headers = (f"HTTP/1.1 {status}\r\n"
                "Content-Type: text/plain; charset=utf-8\r\n"
@@ -91,12 +98,32 @@ def ports_from(args_ports: list[int] | None, env: dict[str, str]) -> list[int]:
 
 # ---------------------------------------------------------------- shell: one protocol per connection
 
+class RequestLog:
+    """Lines to stdout, written once per event-loop pass (not one write per request under load)."""
+
+    def __init__(self, stream=None):
+        self.stream = stream or sys.stdout
+        self.lines: list[str] = []
+
+    def add(self, line: str) -> None:
+        if not self.lines:
+            asyncio.get_running_loop().call_soon(self.flush)
+        self.lines.append(line)
+
+    def flush(self) -> None:
+        if self.lines:
+            self.stream.write("\n".join(self.lines) + "\n")
+            self.stream.flush()
+            self.lines.clear()
+
+
 class EchoProtocol(asyncio.Protocol):
     """HTTP/1.1 with keep-alive and pipelining: httptools parses, we answer each message in order."""
 
-    def __init__(self, facts: PodFacts):
+    def __init__(self, facts: PodFacts, request_log: RequestLog | None = None):
         import httptools
         self.facts = facts
+        self.request_log = request_log
         self.parser = httptools.HttpRequestParser(self)
         self.transport: asyncio.Transport | None = None
         self.client = ""
@@ -147,7 +174,10 @@ class EchoProtocol(asyncio.Protocol):
         if path == "/healthz" or path.startswith("/healthz?"):
             body = b"ok\n"
         else:
-            body = answer_body(self.facts, self.client, self.host.decode("latin-1"), method, path)
+            host = self.host.decode("latin-1")
+            body = answer_body(self.facts, self.client, host, method, path)
+            if self.request_log is not None:
+                self.request_log.add(request_line(self.client, host, method, path))
         self._send(response_bytes("200 OK", body, keep_alive, head=method == "HEAD"), close=not keep_alive)
 
     def _send(self, data: bytes, close: bool):
@@ -158,15 +188,16 @@ class EchoProtocol(asyncio.Protocol):
             self.transport.close()
 
 
-async def serve(ports: list[int], facts: PodFacts, stop: asyncio.Event) -> None:
+async def serve(ports: list[int], facts: PodFacts, stop: asyncio.Event, log_requests: bool = True) -> None:
     """Listen on 0.0.0.0 and (when the kernel has IPv6) :: for every port, until `stop`."""
     loop = asyncio.get_running_loop()
+    request_log = RequestLog() if log_requests else None
     servers = []
     for port in ports:
-        servers.append(await loop.create_server(lambda: EchoProtocol(facts), "0.0.0.0", port,
+        servers.append(await loop.create_server(lambda: EchoProtocol(facts, request_log), "0.0.0.0", port,
                                                 reuse_address=True))
         try:  # a separate v6-only socket, so IPv4 clients show as plain a.b.c.d:port
-            servers.append(await loop.create_server(lambda: EchoProtocol(facts), "::", port,
+            servers.append(await loop.create_server(lambda: EchoProtocol(facts, request_log), "::", port,
                                                     reuse_address=True, family=socket.AF_INET6))
         except OSError:
             pass  # no IPv6 in this namespace
@@ -180,6 +211,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="netplane echo", description=__doc__.split("\n")[0])
     parser.add_argument("--port", type=int, action="append", metavar="P",
                         help=f"port to serve on, repeatable (default: NETPLANE_CONTAINER_PORTS or {DEFAULT_PORT})")
+    parser.add_argument("--quiet", action="store_true", help="do not log each request on stdout")
     args = parser.parse_args(argv)
     for port in args.port or []:
         if not 0 < port < 65536:
@@ -202,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await serve(ports, facts, stop)
+        await serve(ports, facts, stop, log_requests=not args.quiet)
 
     try:
         asyncio.run(run())

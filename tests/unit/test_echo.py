@@ -1,6 +1,8 @@
 """The echo image's pure parts: the answer text reads back as YAML with the same strings; ports."""
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 import yaml
 
@@ -116,3 +118,21 @@ def test_protocol_answers_expect_100_continue_before_the_body():
     assert transport.written == b"HTTP/1.1 100 Continue\r\n\r\n"
     proto.data_received(b"abc")
     assert transport.written.count(b"HTTP/1.1 200 OK") == 1 and b"path: /big" in transport.written
+
+
+def test_each_request_but_health_checks_is_logged_once_a_loop_pass():
+    import io
+
+    async def scenario():
+        stream = io.StringIO()
+        proto = echo.EchoProtocol(FACTS, echo.RequestLog(stream))
+        proto.connection_made(FakeTransport())
+        proto.data_received(b"GET /one HTTP/1.1\r\nHost: a\r\n\r\nGET /healthz HTTP/1.1\r\n\r\n"
+                            b"GET /two?x=1 HTTP/1.1\r\n\r\n")
+        before = stream.getvalue()
+        await asyncio.sleep(0)
+        return before, stream.getvalue()
+
+    before, after = asyncio.run(scenario())
+    assert before == ""   # written after the pass, in one write
+    assert after == "10.244.2.7:51000 GET /one host=a\n10.244.2.7:51000 GET /two?x=1 host=-\n"
