@@ -190,6 +190,8 @@ def main() -> int:
     print("  netplane lab exec worker-1 -- nft list table ip netplane")
     print("  netplane lab exec client -- dig echo.default.svc.cluster.local")
     print(f"  export KUBECONFIG={lab.LAB_DIR / 'kubeconfig'}   (kubectl works against it too)")
+    print("  kubectl logs -l app=echo --prefix   (each request, and the address each pod saw it from)")
+    print("  kubectl exec -it client -- sh       kubectl get events")
     print("  take it down: netplane lab down   (or: make down)")
     return 0
 
