@@ -23,7 +23,7 @@ import sys
 from netplane import daemon
 from netplane.daemon import log_fields, split_hostport
 from netplane.ingress.proxy import ClientConnection, Proxy, Settings
-from netplane.ingress.routes import (OUR_CLASS, OUR_CONTROLLER, ClassPolicy, Objects, RouteTable,
+from netplane.ingress.routes import (OUR_CLASS, OUR_CONTROLLER, ClassPolicy, Objects, RouteTable, published_status,
                                      build_table)
 
 log = logging.getLogger("ingress")
@@ -87,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-body-size", type=_size, default=Settings.max_body_bytes,
                        help="request body over this: 413 (default 0 = no limit; bodies are streamed)")
     serve.add_argument("--no-access-log", action="store_true", help="do not log each request")
+    serve.add_argument("--publish-service", metavar="NAMESPACE/NAME",
+                       help="write this Service's load-balancer addresses into the status of the Ingresses "
+                            "we serve (kubectl get ingress: ADDRESS), as ingress-nginx does")
     serve.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)   # set by the supervisor
     routes = sub.add_parser("routes", help="print the route table the objects give")
     routes.add_argument("--objects", metavar="FILE", required=True)
@@ -112,6 +115,10 @@ def main(argv: list[str] | None = None) -> int:
         print("netplane ingress: --workers must be at least 1", file=sys.stderr)
         return 2
     daemon.setup_logging("ingress")
+    if args.publish_service and (args.objects or "/" not in args.publish_service):
+        print("netplane ingress: --publish-service takes NAMESPACE/NAME and needs the API server "
+              "(not --objects)", file=sys.stderr)
+        return 2
     if args.objects:
         from netplane.objects import ManifestError, load_file
         try:
@@ -145,8 +152,10 @@ class WorkerState:
 class TableSync:
     """Rebuild the table from the view and swap it into the proxy (and the TLS store)."""
 
-    def __init__(self, view, proxy: Proxy, policy: ClassPolicy, certificates, state: WorkerState):
+    def __init__(self, view, proxy: Proxy, policy: ClassPolicy, certificates, state: WorkerState,
+                 publish: tuple[str, str] | None = None):
         self.view = view
+        self.publish = publish   # (namespace, name) of our Service, or None
         self.proxy = proxy
         self.policy = policy
         self.certificates = certificates
@@ -170,7 +179,23 @@ class TableSync:
         return table
 
     async def run(self) -> None:
-        self.rebuild()
+        table = self.rebuild()
+        if self.publish is not None:
+            await self.publish_status(table)
+
+    async def publish_status(self, table: RouteTable) -> None:
+        """Our Service's addresses into the status of the Ingresses we serve (routes.published_status)."""
+        from netplane.client import APIError
+        namespace, name = self.publish
+        service = self.view.get("Service", namespace, name)
+        for ing_namespace, ing_name, status in published_status(self.view.list("Ingress"), table.ingresses, service):
+            try:
+                await self.view.client.patch("Ingress", ing_name, {"status": status}, ing_namespace, "status")
+                log_fields(log, logging.INFO, "ingress status", ingress=f"{ing_namespace}/{ing_name}",
+                           addresses=status["loadBalancer"]["ingress"])
+            except APIError as err:
+                log_fields(log, logging.WARNING, "ingress status not written", ingress=f"{ing_namespace}/{ing_name}",
+                           error=str(err))
 
 
 def make_view(args):
@@ -209,7 +234,8 @@ async def serve_worker(args, stop: asyncio.Event, state: WorkerState) -> None:
         if args.tls_listen:
             from netplane.ingress.tls import CertificateStore
             certificates = CertificateStore(default_certificate(args))
-        sync = TableSync(view, proxy, ClassPolicy(args.ingress_class, args.controller), certificates, state)
+        publish = tuple(args.publish_service.split("/", 1)) if args.publish_service else None
+        sync = TableSync(view, proxy, ClassPolicy(args.ingress_class, args.controller), certificates, state, publish)
         sync.rebuild()
         from netplane.client import CoalescingRunner
         runner = CoalescingRunner(sync.run, min_interval=0.1)

@@ -196,6 +196,26 @@ def _decode_unreserved(match: re.Match) -> str:
     return char if char in _UNRESERVED else "%" + match.group(1).upper()
 
 
+def published_status(ingresses: Iterable[dict], served: Iterable[str], service: dict | None) -> list[tuple]:
+    """(namespace, name, status) for each Ingress we serve whose status.loadBalancer does not show
+    the addresses of our own Service (`--publish-service`, as ingress-nginx has it): where users look
+    (`kubectl get ingress`, ADDRESS) to find us. Nothing while that Service has no address yet."""
+    addresses = [{k: v for k, v in entry.items() if k in ("ip", "hostname")}
+                 for entry in ((service or {}).get("status") or {}).get("loadBalancer", {}).get("ingress") or []]
+    addresses = [a for a in addresses if a]
+    if not addresses:
+        return []
+    wanted = {"loadBalancer": {"ingress": addresses}}
+    ours = set(served)
+    out = []
+    for ing in ingresses:
+        meta = ing.get("metadata") or {}
+        ref = f"{meta.get('namespace') or 'default'}/{meta.get('name', '')}"
+        if ref in ours and (ing.get("status") or {}).get("loadBalancer", {}).get("ingress") != addresses:
+            out.append((meta.get("namespace") or "default", meta.get("name", ""), wanted))
+    return out
+
+
 def normalise_host(host: str) -> str:
     """'Foo.COM:8080' -> 'foo.com'; '[::1]:80' -> '[::1]'; 'foo.com.' -> 'foo.com'."""
     if host.startswith("["):

@@ -87,8 +87,22 @@ def worker_argv(argv: list[str]) -> list[str]:
     return out
 
 
+def without_publishing(argv: list[str]) -> list[str]:
+    """`argv` minus --publish-service: one worker (the first) writes Ingress status, not all of them."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg.split("=", 1)[0] == "--publish-service":
+            skip = "=" not in arg
+        else:
+            out.append(arg)
+    return out
+
+
 def supervise(args, argv: list[str]) -> int:
-    workers = [Worker(i, worker_argv(argv)) for i in range(args.workers)]
+    workers = [Worker(i, worker_argv(argv) if i == 0 else without_publishing(worker_argv(argv)))
+               for i in range(args.workers)]
 
     retired: dict = {}   # counters of worker processes that exited, so the sums never go down
 

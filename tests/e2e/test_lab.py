@@ -146,6 +146,22 @@ def test_ingress_routes_by_host_and_path(running_lab):
     assert http_get(base + "/v2", host="other.example")[0] == 404
 
 
+def test_ingress_status_shows_the_controllers_load_balancer_address(running_lab):
+    """As ingress-nginx with --publish-service: `kubectl get ingress` ADDRESS is where to reach it."""
+    async def addresses():
+        async with Client(SERVER) as client:
+            lb = (await client.get("Service", "ingress", "netplane-system"))["status"]["loadBalancer"]["ingress"]
+            ing = (await client.get("Ingress", "echo", "default")).get("status") or {}
+            return lb, ing.get("loadBalancer", {}).get("ingress")
+    deadline = time.monotonic() + 10
+    while True:
+        lb, shown = asyncio.run(addresses())
+        if (shown and shown == [{"ip": a["ip"]} for a in lb]) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert lb and shown == [{"ip": a["ip"]} for a in lb], (lb, shown)
+
+
 def scale(replicas: int) -> None:
     async def patch():
         async with Client(SERVER) as client:

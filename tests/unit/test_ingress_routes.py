@@ -397,3 +397,27 @@ def test_proxy_route_cache_answers_like_the_table_and_follows_a_swap():
         "default/old:80", "default/old:80", 404]
     assert cached is first[1]
     assert [r.backend.service for r in swapped] == ["default/x:80", "default/new:80"]
+
+
+
+def test_published_status_puts_our_services_addresses_on_the_ingresses_we_serve():
+    from netplane.ingress.routes import published_status
+    service = {"status": {"loadBalancer": {"ingress": [{"ip": "192.168.56.200", "ipMode": "VIP"}]}}}
+    ours = ingress("ours", [("h", [path("/", "s")])])
+    already = {**ingress("already", [("h2", [path("/", "s")])]),
+               "status": {"loadBalancer": {"ingress": [{"ip": "192.168.56.200"}]}}}
+    theirs = ingress("theirs", [("h3", [path("/", "s")])], class_name="other")
+    served = ["default/ours", "default/already"]
+    assert published_status([ours, already, theirs], served, service) == [
+        ("default", "ours", {"loadBalancer": {"ingress": [{"ip": "192.168.56.200"}]}})]
+    assert published_status([ours], served, {"status": {"loadBalancer": {}}}) == []   # no address yet
+    assert published_status([ours], served, None) == []
+
+
+def test_only_the_first_worker_publishes_ingress_status():
+    from netplane.ingress.workers import without_publishing, worker_argv
+    argv = worker_argv(["serve", "--listen", "0.0.0.0:80", "--workers", "2", "--publish-service", "ns/svc",
+                        "--health-listen", "0.0.0.0:10254"])
+    assert argv == ["--listen", "0.0.0.0:80", "--publish-service", "ns/svc"]
+    assert without_publishing(argv) == ["--listen", "0.0.0.0:80"]
+    assert without_publishing(["--publish-service=ns/svc", "--no-access-log"]) == ["--no-access-log"]
