@@ -11,6 +11,9 @@ and hostname; processes, not images) and speaks the channel protocol:
   metav1.Status as JSON, the last message), 4 a terminal resize ({"Width": w, "Height": h}), and in
   v5 255 a close (the client's stdin is done: [255, 0]);
 - with tty the command gets a pseudo-terminal, and its output comes on stdout only.
+
+The agent's endpoint asks for no credentials (as podlogs.py says of its logs): whoever reaches a
+node's address can run commands in its pods, a lab's trust model, not a production one.
 """
 from __future__ import annotations
 
