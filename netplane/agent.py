@@ -377,6 +377,7 @@ class PodWorker:
         self.start_time = now_rfc3339()
         self.conditions: dict[str, tuple[str, str]] = {}
         self.processes: dict[str, runtime.ContainerProcess] = {}
+        self.terminals: dict[str, podexec.Terminal] = {}   # containers with stdin and tty
         self.changed = asyncio.Event()
         self.last_status: dict | None = None
         self.task: asyncio.Task | None = None
@@ -496,7 +497,8 @@ class PodWorker:
         while True:
             started = time.monotonic()
             try:
-                exit_code = await self._run_once(record, *plan)
+                spec = self.specs[index]
+                exit_code = await self._run_once(record, *plan, terminal=bool(spec.get("stdin") and spec.get("tty")))
             except OSError as err:
                 record.set_waiting("RunContainerError", f"cannot start: {err}")
                 self.mark_changed()
@@ -515,11 +517,19 @@ class PodWorker:
             record.restart_count += 1
             RESTARTS.inc()
 
-    async def _run_once(self, record: ContainerRecord, argv: list[str], env: dict, probes: "Probes") -> int:
-        """Start the container's process, probe it while it runs; its exit code."""
+    async def _run_once(self, record: ContainerRecord, argv: list[str], env: dict, probes: "Probes",
+                        terminal: bool = False) -> int:
+        """Start the container's process, probe it while it runs; its exit code. With `terminal` (stdin
+        and tty in its spec) it runs on a pseudo-terminal that `kubectl attach` reaches."""
+        log_path = str(self.dir / f"{record.name}.log")
         process = await runtime.start_process(runtime.process_argv(self.ref.netns, self.ref.hostname, argv),
-                                              env, str(self.dir / f"{record.name}.log"))
+                                              env, log_path, terminal=terminal)
         self.processes[record.name] = process
+        if process.terminal is not None:
+            old = self.terminals.pop(record.name, None)
+            if old is not None:
+                old.close()
+            self.terminals[record.name] = podexec.Terminal(process.terminal, log_path)
         record.set_running(now_rfc3339())
         record.ready = probes.readiness is None
         self.mark_changed()
@@ -747,6 +757,14 @@ class Agent:
             raise podlogs.LogError(400, f'container "{container}" in pod "{name}" is waiting to start: '
                                         f"{record.reason}")
         return str(worker.dir / f"{container}.log"), record
+
+    def attach_target(self, namespace: str, name: str, container: str):
+        """(worker, its process, its terminal or None) for `kubectl attach` to a running container."""
+        worker = self.exec_target(namespace, name, container)
+        process = worker.processes.get(container)
+        if process is None:
+            raise podexec.ExecError(400, f'container "{container}" in pod "{name}" is not running')
+        return worker, process, worker.terminals.get(container)
 
     def exec_target(self, namespace: str, name: str, container: str) -> PodWorker:
         """The pod to run a `kubectl exec` command in: on this node, its container running."""
@@ -1032,8 +1050,30 @@ def add_pod_routes(app, agent_or_none) -> None:
         await ws.close()
         return ws
 
+    async def pod_attach(request: web.Request) -> web.StreamResponse:
+        agent = agent_or_none()
+        info = request.match_info
+        protocol = podexec.choose_protocol(request.headers.get("Sec-WebSocket-Protocol", ""))
+        try:
+            if agent is None:
+                raise podexec.ExecError(503, "the agent is starting")
+            if protocol is None:
+                raise podexec.ExecError(400, f"attach speaks {', '.join(podexec.PROTOCOLS)} over a WebSocket")
+            worker, process, terminal = agent.attach_target(info["namespace"], info["pod"], info["container"])
+        except (podexec.ExecError, podlogs.LogError) as err:
+            return web.Response(status=err.status, text=err.message)
+        record = next(c for c in worker.containers if c.name == info["container"])
+        ws = web.WebSocketResponse(protocols=[protocol])
+        await ws.prepare(request)
+        log_fields(log, logging.INFO, "attach", pod=worker.label, container=record.name, terminal=terminal is not None)
+        await podexec.attach(ws, terminal, str(worker.dir / f"{record.name}.log"), lambda: record.state == "running",
+                             asyncio.ensure_future(process.wait()), (record.name,))
+        await ws.close()
+        return ws
+
     app.router.add_get("/containerLogs/{namespace}/{pod}/{container}", container_logs)
     app.router.add_get("/exec/{namespace}/{pod}/{container}", pod_exec)
+    app.router.add_get("/attach/{namespace}/{pod}/{container}", pod_attach)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -940,6 +940,7 @@ def _subresources(kind: Kind) -> list[tuple[str, str, str, str, list[str]]]:
         subs.append(("binding", "", "v1", "Binding", ["create"]))
         subs.append(("log", "", "v1", "Pod", ["get"]))
         subs.append(("exec", "", "v1", "PodExecOptions", ["create", "get"]))
+        subs.append(("attach", "", "v1", "PodAttachOptions", ["create", "get"]))
     return subs
 
 
@@ -1435,9 +1436,9 @@ class APIServer:
         elif sub == "log" and kind.kind == "Pod":
             if method == "GET":
                 return await self._pod_log(request, ns, name)
-        elif sub == "exec" and kind.kind == "Pod":
+        elif sub in ("exec", "attach") and kind.kind == "Pod":
             if method in ("GET", "POST"):
-                return await self._pod_exec(request, ns, name)
+                return await self._pod_stream(request, ns, name, sub)
         else:
             raise path_not_found()
         raise web.HTTPMethodNotAllowed(method, ["GET", "PUT", "PATCH", "POST"])
@@ -1473,22 +1474,23 @@ class APIServer:
                 return response
             raise APIStatus(500, "InternalError", f'Get "{url}": {err or "timeout"}') from None
 
-    async def _pod_exec(self, request: web.Request, namespace: str, name: str) -> web.StreamResponse:
-        """pods/exec: the client's WebSocket relayed, message by message, to one opened to the agent of
-        the pod's node (netplane.podexec). Refusals come back as plain errors, before any upgrade."""
+    async def _pod_stream(self, request: web.Request, namespace: str, name: str, verb: str) -> web.StreamResponse:
+        """pods/exec and pods/attach: the client's WebSocket relayed, message by message, to one opened
+        to the agent of the pod's node (netplane.podexec). Refusals come back as plain errors, before
+        any upgrade."""
         protocol = podexec.choose_protocol(request.headers.get("Sec-WebSocket-Protocol", ""))
         pod = await self.registry.get(kinds.by_kind("Pod"), namespace, name)
         try:
             if protocol is None or request.headers.get("Upgrade", "").lower() != "websocket":
-                raise podexec.ExecError(400, "Upgrade request required: exec speaks "
+                raise podexec.ExecError(400, f"Upgrade request required: {verb} speaks "
                                              f"{', '.join(podexec.PROTOCOLS)} over a WebSocket")
-            wanted = podexec.ExecRequest.parse(request.query)
+            wanted = podexec.ExecRequest.parse(request.query, attach=verb == "attach")
             container = podlogs.container_of(pod, request.query.get("container"))
             node_name = (pod.get("spec") or {}).get("nodeName")
             if not node_name:
                 raise podlogs.LogError(400, f"pod {name} does not have a host assigned")
             node = await self.registry.get(kinds.by_kind("Node"), None, node_name)
-            url = podlogs.agent_url(node, f"/exec/{namespace}/{name}/{container}")
+            url = podlogs.agent_url(node, f"/{verb}/{namespace}/{name}/{container}")
         except (podexec.ExecError, podlogs.LogError) as err:
             raise APIStatus(err.status, _STATUS_REASONS.get(err.status, "BadRequest"), err.message) from None
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=5)) as session:

@@ -1,4 +1,5 @@
-"""`kubectl exec`: a command in a pod's network namespace, its streams over a WebSocket.
+"""`kubectl exec` and `kubectl attach`: a command in a pod's network namespace, or the pod's own
+container, their streams over a WebSocket.
 
 kubectl (1.30+) asks `GET .../pods/{name}/exec?command=...&stdin=...&stdout=...&stderr=...&tty=...`
 with an Upgrade to WebSocket and the channel protocols it speaks (v5.channel.k8s.io, then
@@ -11,6 +12,10 @@ and hostname; processes, not images) and speaks the channel protocol:
   metav1.Status as JSON, the last message), 4 a terminal resize ({"Width": w, "Height": h}), and in
   v5 255 a close (the client's stdin is done: [255, 0]);
 - with tty the command gets a pseudo-terminal, and its output comes on stdout only.
+
+Attach (`kubectl run -it`, `kubectl attach`) reaches a container's own process: a container whose spec
+has stdin and tty runs on a pseudo-terminal (Terminal) whose output goes to its log and to every
+attached client; any other container's attach shows what it writes from then on.
 
 The agent's endpoint asks for no credentials (as podlogs.py says of its logs): whoever reaches a
 node's address can run commands in its pods, a lab's trust model, not a production one.
@@ -45,10 +50,11 @@ class ExecRequest:
     tty: bool = False
 
     @classmethod
-    def parse(cls, query) -> "ExecRequest":
-        """From the query (a multidict: `command` repeats); ExecError(400) names what is wrong."""
+    def parse(cls, query, attach: bool = False) -> "ExecRequest":
+        """From the query (a multidict: `command` repeats; none for attach); ExecError(400) names what
+        is wrong."""
         command = tuple(query.getall("command", []))
-        if not command:
+        if not command and not attach:
             raise ExecError(400, "you must specify at least one command for the container")
         flag = lambda name, default: query.get(name, "true" if default else "false").lower() in ("true", "1")
         request = cls(command, flag("stdin", False), flag("stdout", True), flag("stderr", True), flag("tty", False))
@@ -180,3 +186,88 @@ async def _from_terminal(ws, loop, master: int) -> None:
             await ws.send_bytes(bytes([STDOUT]) + chunk)
     finally:
         loop.remove_reader(master)
+
+
+# ---- attach: the streams of the container's own process ------------------------------------------
+
+class Terminal:
+    """The pseudo-terminal of a container with stdin and tty (`kubectl run -it`): what the container
+    writes goes to its log and to every attached client, what a client types goes to it."""
+
+    def __init__(self, master: int, log_path: str):
+        self.master = master
+        self.log = open(log_path, "ab", buffering=0)   # O_APPEND: rotation cuts it like any log
+        self.watchers: set[asyncio.Queue] = set()
+        self.closed = False
+        self.loop = asyncio.get_running_loop()
+        self.loop.add_reader(master, self._readable)
+
+    def _readable(self) -> None:
+        try:
+            chunk = os.read(self.master, 65536)
+        except OSError:   # EIO: the container and all it started have let go of the terminal
+            chunk = b""
+        if not chunk:
+            return self.close()
+        self.log.write(chunk)
+        for queue in self.watchers:
+            queue.put_nowait(chunk)
+
+    def watch(self) -> asyncio.Queue:
+        queue: asyncio.Queue = asyncio.Queue()
+        if self.closed:
+            queue.put_nowait(b"")
+        self.watchers.add(queue)
+        return queue
+
+    def type(self, data: bytes) -> None:
+        if not self.closed:
+            os.write(self.master, data)
+
+    def resize(self, message: bytes) -> None:
+        if not self.closed:
+            resize(self.master, message)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.loop.remove_reader(self.master)
+        os.close(self.master)
+        self.log.close()
+        for queue in self.watchers:
+            queue.put_nowait(b"")
+
+
+async def attach(ws, terminal: Terminal | None, log_path: str, running, exited: asyncio.Future,
+                 command: tuple[str, ...]) -> None:
+    """Attach `ws` to a container: its terminal both ways, or (no terminal) its output as it is logged
+    from now on; the outcome once it stops."""
+    from netplane import podlogs
+    if terminal is not None:
+        queue = terminal.watch()
+        typing = asyncio.ensure_future(_typing(ws, terminal))
+        try:
+            while chunk := await queue.get():
+                await ws.send_bytes(bytes([STDOUT]) + chunk)
+        finally:
+            terminal.watchers.discard(queue)
+            typing.cancel()
+    else:
+        start = os.path.getsize(log_path) if os.path.exists(log_path) else 0
+        await podlogs.follow(log_path, start, running, lambda data: ws.send_bytes(bytes([STDOUT]) + data), None)
+    try:
+        exit_code = await asyncio.wait_for(asyncio.shield(exited), 5)
+    except asyncio.TimeoutError:
+        exit_code = None
+    await ws.send_bytes(outcome(exit_code, command) if exit_code is not None else
+                        outcome(None, command, "the container is still running; its terminal closed"))
+
+
+async def _typing(ws, terminal: Terminal) -> None:
+    async for message in ws:
+        data = message.data if isinstance(message.data, bytes) else str(message.data).encode()
+        if data[:1] == bytes([STDIN]):
+            terminal.type(data[1:])
+        elif data[:1] == bytes([RESIZE]):
+            terminal.resize(data[1:])

@@ -96,10 +96,14 @@ def container_argv(container: dict, env: dict[str, str], entry: list[str] | None
     if not command:
         repo, _ = image_repository(image)
         sub = BUILTIN_IMAGES.get(repo)
+        if sub is None and args:
+            # An image we do not run has no entrypoint here: its args are the command, as they are
+            # for images without an ENTRYPOINT (busybox, alpine, debian: `kubectl run -it x --image=busybox -- sh`).
+            return [expand(part, env) for part in args]
         if sub is None:
             raise ImageNotRunnable(
                 f"image {image!r} cannot run here: netplane runs only its built-in images "
-                f"({', '.join(sorted(BUILTIN_IMAGES))}) or containers that set command:")
+                f"({', '.join(sorted(BUILTIN_IMAGES))}) or containers that set command: or args:")
         command = [*(entry or netplane_entry()), *sub]
         if repo == "netplane/echo":
             command += [a for port in serving_ports(container) for a in ("--port", str(port))]
@@ -350,9 +354,11 @@ async def _probe_exec(probe: Probe, netns: str) -> bool:
 
 @dataclass
 class ContainerProcess:
-    """A running container's main process (leader of its own process group)."""
+    """A running container's main process (leader of its own process group); `terminal`: the master
+    side of its pseudo-terminal, for a container with stdin and tty (kubectl run -it, attach)."""
     popen: subprocess.Popen
     exited: asyncio.Future = field(repr=False)
+    terminal: int | None = None
 
     @property
     def pid(self) -> int:
@@ -385,16 +391,39 @@ def _spawn(argv: list[str], env: dict[str, str], log_path: str) -> subprocess.Po
                                 stderr=subprocess.STDOUT, start_new_session=True, close_fds=True)
 
 
-async def start_process(argv: list[str], env: dict[str, str], log_path: str) -> ContainerProcess:
-    """Start `argv` (fork/exec in a thread) and watch its exit through a pidfd on the event loop."""
+def _spawn_on_terminal(argv: list[str], env: dict[str, str]) -> tuple[subprocess.Popen, int]:
+    """`argv` on a new pseudo-terminal, its controlling one (so ^C and job control work); the master."""
+    import fcntl
+    import termios
+    master, slave = os.openpty()
+    try:
+        popen = subprocess.Popen(argv, env={**env, "TERM": env.get("TERM", "xterm")}, stdin=slave, stdout=slave,
+                                 stderr=slave, start_new_session=True, close_fds=True,
+                                 preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))
+    except BaseException:
+        os.close(master)
+        raise
+    finally:
+        os.close(slave)
+    return popen, master
+
+
+async def start_process(argv: list[str], env: dict[str, str], log_path: str,
+                        terminal: bool = False) -> ContainerProcess:
+    """Start `argv` (fork/exec in a thread) and watch its exit through a pidfd on the event loop.
+    Its output goes to `log_path`, or (terminal) to a pseudo-terminal whose master the caller reads."""
     loop = asyncio.get_running_loop()
-    popen = await loop.run_in_executor(None, _spawn, argv, env, log_path)
+    master = None
+    if terminal:
+        popen, master = await loop.run_in_executor(None, _spawn_on_terminal, argv, env)
+    else:
+        popen = await loop.run_in_executor(None, _spawn, argv, env, log_path)
     exited: asyncio.Future = loop.create_future()
     try:
         pidfd = os.pidfd_open(popen.pid)
     except (AttributeError, OSError):
         loop.create_task(_poll_exit(popen, exited))
-        return ContainerProcess(popen, exited)
+        return ContainerProcess(popen, exited, master)
 
     def on_exit() -> None:
         loop.remove_reader(pidfd)
@@ -403,7 +432,7 @@ async def start_process(argv: list[str], env: dict[str, str], log_path: str) -> 
             exited.set_result(exit_code(popen.wait()))  # exited already: wait() only reaps
 
     loop.add_reader(pidfd, on_exit)
-    return ContainerProcess(popen, exited)
+    return ContainerProcess(popen, exited, master)
 
 
 async def _poll_exit(popen: subprocess.Popen, exited: asyncio.Future) -> None:

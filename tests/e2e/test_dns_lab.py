@@ -2,7 +2,8 @@
 through its own resolv.conf. A deleted Service is NXDOMAIN within a second; the search path resolves
 a short name and a name.namespace name; a pod's own a-b-c-d.<ns>.pod record answers (as kubeadm's
 CoreDNS does); kube-dns's own log is read through the API server (pods/log, from its node's agent);
-the probe pod's sandbox and start are told in Events; a command exec'd in it sees its resolver.
+the probe pod's sandbox and start are told in Events; a command exec'd in it sees its resolver; a pod
+with stdin and tty is attached to as `kubectl run -it` does.
 
 A two-node lab (the DNS pod on the control plane, the probe pod on worker-1: the query crosses nodes
 and the ClusterIP DNAT). Services without selectors: DNS needs a ClusterIP, not endpoints, so no
@@ -166,3 +167,27 @@ def test_each_node_agent_tells_its_start_in_events(pod_ns):
             return {(e["involvedObject"]["name"], e["reason"]) for e in items}
     seen = asyncio.run(node_events())
     assert {(node, "NodeReady") for node in ("control-plane", "worker-1")} <= seen, seen
+
+
+def test_a_pod_with_stdin_and_tty_is_attached_to_as_kubectl_run_it_does(pod_ns):
+    """`kubectl run -it dbg --image=busybox -- sh`: a shell on a terminal in the pod, reached by attach."""
+    from tests.unit.test_podexec import attach_over
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "np-dbg", "namespace": "default"},
+           "spec": {"restartPolicy": "Never", "containers": [{"name": "np-dbg", "image": "busybox", "args": ["sh"],
+                                                              "stdin": True, "tty": True}]}}
+
+    async def scenario():
+        async with Client(SERVER) as client:
+            await client.create(pod)
+            try:
+                deadline = time.monotonic() + 15
+                while (await client.get("Pod", "np-dbg", "default")).get("status", {}).get("phase") != "Running":
+                    assert time.monotonic() < deadline, "the pod did not start"
+                    await asyncio.sleep(0.1)
+                url = f"{SERVER}/api/v1/namespaces/default/pods/np-dbg/attach"
+                return await attach_over(url, b"echo from-$(hostname) $((6*7)); exit 3\n", tty=True)
+            finally:
+                await client.delete("Pod", "np-dbg", "default")
+    out, status = asyncio.run(scenario())
+    assert b"from-np-dbg 42" in out, out
+    assert status["details"]["causes"][0]["message"] == "3", status

@@ -157,3 +157,10 @@ def test_liveness_probe_is_explicit_only_and_starts_alive():
     assert [alive.record(ok) for ok in (False, False, True, False, False, False)] == \
         [False, False, False, False, False, True]
     assert alive.ready is False
+
+
+def test_args_alone_are_the_command_for_an_image_we_do_not_run():
+    assert runtime.container_argv({"image": "busybox", "args": ["sh", "-c", "echo $(X)"]}, {"X": "1"}) == \
+        ["sh", "-c", "echo 1"]
+    with pytest.raises(runtime.ImageNotRunnable, match="command: or args:"):
+        runtime.container_argv({"image": "busybox"}, {})

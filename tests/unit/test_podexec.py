@@ -115,3 +115,68 @@ def test_exec_runs_through_the_api_server_on_the_pods_agent(tmp_path, monkeypatc
     assert results["v4"][0] == b"old\n" and results["v4"][2]["status"] == "Success"
     assert results["plain"][0] == 400 and "over a WebSocket" in results["plain"][1]
     assert results["stopped"] == 400   # the container is not running: refused before any upgrade
+
+
+# ------------------------------------------------------------------------------ attach
+
+async def attach_over(url: str, typed: bytes | None, tty: bool) -> tuple[bytes, dict]:
+    params = [("stdin", "true" if typed is not None else "false"), ("stdout", "true"),
+              ("stderr", "false" if tty else "true"), ("tty", "true" if tty else "false")]
+    out, status = b"", None
+    async with aiohttp.ClientSession() as session, session.ws_connect(url, protocols=["v5.channel.k8s.io"],
+                                                                      params=params) as ws:
+        if typed is not None:
+            await ws.send_bytes(bytes([podexec.RESIZE]) + json.dumps({"Width": 100, "Height": 40}).encode())
+            await ws.send_bytes(bytes([podexec.STDIN]) + typed)
+        async for message in ws:
+            if message.data[0] == podexec.STDOUT:
+                out += message.data[1:]
+            elif message.data[0] == podexec.ERROR:
+                status = json.loads(message.data[1:])
+    return out, status
+
+
+def test_attach_reaches_a_containers_terminal_or_its_output(tmp_path, monkeypatch):
+    monkeypatch.setattr(runtime, "process_argv", lambda netns, hostname, argv: argv)
+    agent = fake_agent(tmp_path)
+    worker = agent.workers["uid"]
+    worker.sandbox, worker.label = SimpleNamespace(ready=True), "default/p"
+    agent.exec_target = lambda ns, name, container: agent_mod.Agent.exec_target(agent, ns, name, container)
+    agent.attach_target = lambda ns, name, container: agent_mod.Agent.attach_target(agent, ns, name, container)
+    env = {"PATH": "/usr/bin:/bin"}
+    log_path = str(tmp_path / "app.log")
+
+    async def scenario(url: str):
+        runner, port = await serve_agent(agent)
+        try:
+            async with Client(url) as client:
+                await client.create({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "n1"}})
+                node = await client.get("Node", "n1")
+                node["status"] = {"addresses": [{"type": "InternalIP", "address": "127.0.0.1"}],
+                                  "daemonEndpoints": {"kubeletEndpoint": {"Port": port}}}
+                await client.update(node, "status")
+                await client.create({"apiVersion": "v1", "kind": "Pod", **pod()})
+            attach_url = f"{url}/api/v1/namespaces/default/pods/p/attach"
+            # a container with stdin and tty: its terminal, both ways
+            process = await runtime.start_process(["sh", "-c", 'read line; stty size; echo "got:$line"; exit 2'],
+                                                  env, log_path, terminal=True)
+            worker.processes = {"app": process}
+            worker.terminals = {"app": podexec.Terminal(process.terminal, log_path)}
+            on_terminal = await attach_over(attach_url, b"hello\n", tty=True)
+            # a plain container: what it writes from now on
+            process = await runtime.start_process(["sh", "-c", "sleep 0.5; echo late; sleep 0.3"], env, log_path)
+            worker.processes, worker.terminals = {"app": process}, {}
+            agent.record.set_running("2026-12-01T00:00:00Z")
+            plain = asyncio.ensure_future(attach_over(attach_url, None, tty=False))
+            await process.wait()
+            agent.record.set_terminated(0, "2026-12-01T00:00:01Z")
+            return on_terminal, await asyncio.wait_for(plain, 10)
+        finally:
+            await runner.cleanup()
+
+    with RunningAPIServer(str(tmp_path / "api.db")) as api:
+        (out, status), (plain_out, plain_status) = asyncio.run(scenario(api.url))
+    assert b"40 100" in out and b"got:hello" in out, out   # typed, resized, answered
+    assert status["details"]["causes"][0]["message"] == "2"
+    assert b"got:hello" in (tmp_path / "app.log").read_bytes()   # a terminal's output is logged too
+    assert plain_out == b"late\n" and plain_status == {"metadata": {}, "status": "Success"}
