@@ -1029,51 +1029,46 @@ def add_pod_routes(app, agent_or_none) -> None:
         await response.write_eof()
         return response
 
-    async def pod_exec(request: web.Request) -> web.StreamResponse:
-        agent = agent_or_none()
-        info = request.match_info
-        protocol = podexec.choose_protocol(request.headers.get("Sec-WebSocket-Protocol", ""))
-        try:
-            if agent is None:
-                raise podexec.ExecError(503, "the agent is starting")
-            if protocol is None:
-                raise podexec.ExecError(400, f"exec speaks {', '.join(podexec.PROTOCOLS)} over a WebSocket")
-            wanted = podexec.ExecRequest.parse(request.query)
-            worker = agent.exec_target(info["namespace"], info["pod"], info["container"])
-        except (podexec.ExecError, podlogs.LogError) as err:
-            return web.Response(status=err.status, text=err.message)
-        ws = web.WebSocketResponse(protocols=[protocol])
-        await ws.prepare(request)
-        log_fields(log, logging.INFO, "exec", pod=worker.label, container=info["container"], command=wanted.command)
+    def stream(verb: str, session):
+        """A WebSocket endpoint for `verb`: the agent, the channel protocol and the target checked
+        first (a refusal is a plain answer, before any upgrade), then `session(ws, container,
+        protocol, request, target)` runs the streams."""
+        async def handler(request: web.Request) -> web.StreamResponse:
+            agent = agent_or_none()
+            info = request.match_info
+            protocol = podexec.choose_protocol(request.headers.get("Sec-WebSocket-Protocol", ""))
+            try:
+                if agent is None:
+                    raise podexec.ExecError(503, "the agent is starting")
+                if protocol is None:
+                    raise podexec.ExecError(400, f"{verb} speaks {', '.join(podexec.PROTOCOLS)} over a WebSocket")
+                wanted = podexec.ExecRequest.parse(request.query, attach=verb == "attach")
+                target = (agent.attach_target if verb == "attach" else agent.exec_target)(
+                    info["namespace"], info["pod"], info["container"])
+            except (podexec.ExecError, podlogs.LogError) as err:
+                return web.Response(status=err.status, text=err.message)
+            ws = web.WebSocketResponse(protocols=[protocol])
+            await ws.prepare(request)
+            await session(ws, info["container"], protocol, wanted, target)
+            await ws.close()
+            return ws
+        return handler
+
+    async def exec_session(ws, container: str, protocol: str, wanted, worker) -> None:
+        log_fields(log, logging.INFO, "exec", pod=worker.label, container=container, command=wanted.command)
         await podexec.run(ws, runtime.process_argv(worker.ref.netns, worker.ref.hostname, list(wanted.command)),
                           wanted, protocol)
-        await ws.close()
-        return ws
 
-    async def pod_attach(request: web.Request) -> web.StreamResponse:
-        agent = agent_or_none()
-        info = request.match_info
-        protocol = podexec.choose_protocol(request.headers.get("Sec-WebSocket-Protocol", ""))
-        try:
-            if agent is None:
-                raise podexec.ExecError(503, "the agent is starting")
-            if protocol is None:
-                raise podexec.ExecError(400, f"attach speaks {', '.join(podexec.PROTOCOLS)} over a WebSocket")
-            worker, process, terminal = agent.attach_target(info["namespace"], info["pod"], info["container"])
-        except (podexec.ExecError, podlogs.LogError) as err:
-            return web.Response(status=err.status, text=err.message)
-        record = next(c for c in worker.containers if c.name == info["container"])
-        ws = web.WebSocketResponse(protocols=[protocol])
-        await ws.prepare(request)
-        log_fields(log, logging.INFO, "attach", pod=worker.label, container=record.name, terminal=terminal is not None)
-        await podexec.attach(ws, terminal, str(worker.dir / f"{record.name}.log"), lambda: record.state == "running",
-                             asyncio.ensure_future(process.wait()), (record.name,))
-        await ws.close()
-        return ws
+    async def attach_session(ws, container: str, protocol: str, wanted, target) -> None:
+        worker, process, terminal = target
+        record = next(c for c in worker.containers if c.name == container)
+        log_fields(log, logging.INFO, "attach", pod=worker.label, container=container, terminal=terminal is not None)
+        await podexec.attach(ws, terminal, str(worker.dir / f"{container}.log"), lambda: record.state == "running",
+                             asyncio.ensure_future(process.wait()), (container,))
 
     app.router.add_get("/containerLogs/{namespace}/{pod}/{container}", container_logs)
-    app.router.add_get("/exec/{namespace}/{pod}/{container}", pod_exec)
-    app.router.add_get("/attach/{namespace}/{pod}/{container}", pod_attach)
+    app.router.add_get("/exec/{namespace}/{pod}/{container}", stream("exec", exec_session))
+    app.router.add_get("/attach/{namespace}/{pod}/{container}", stream("attach", attach_session))
 
 
 def main(argv: list[str] | None = None) -> int:
