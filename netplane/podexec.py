@@ -26,6 +26,7 @@ import asyncio
 import fcntl
 import json
 import os
+import signal
 import struct
 import termios
 from dataclasses import dataclass
@@ -102,14 +103,20 @@ def resize(fd: int, message: bytes) -> None:
 
 async def run(ws, argv: list[str], request: ExecRequest, protocol: str) -> None:
     """Run `argv` (the full command line, in the pod) with its streams on WebSocket `ws` (aiohttp)."""
+    from netplane.runtime import take_terminal
     loop = asyncio.get_running_loop()
     master = None
     try:
         if request.tty:
             master, slave = os.openpty()
-            process = await asyncio.create_subprocess_exec(*argv, stdin=slave, stdout=slave, stderr=slave,
-                                                           start_new_session=True)
-            os.close(slave)
+            try:
+                process = await asyncio.create_subprocess_exec(*argv, stdin=slave, stdout=slave, stderr=slave,
+                                                               start_new_session=True, preexec_fn=take_terminal)
+            except OSError:
+                os.close(master)
+                raise
+            finally:
+                os.close(slave)
         else:
             pipe, null = asyncio.subprocess.PIPE, asyncio.subprocess.DEVNULL
             process = await asyncio.create_subprocess_exec(
@@ -125,10 +132,18 @@ async def run(ws, argv: list[str], request: ExecRequest, protocol: str) -> None:
         for stream, channel in ((process.stdout, STDOUT), (process.stderr, STDERR)):
             if stream is not None:
                 pumps.append(asyncio.ensure_future(_from_stream(ws, stream, channel)))
+    waiter = asyncio.ensure_future(process.wait())
     try:
-        exit_code = await process.wait()
+        await asyncio.wait([waiter, pumps[0]], return_when=asyncio.FIRST_COMPLETED)
+        if not waiter.done():   # the client went away first: so does the command, as on a hang-up
+            try:
+                os.killpg(process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            await waiter
+            return
         await asyncio.gather(*pumps[1:], return_exceptions=True)   # the output, to its end
-        await ws.send_bytes(outcome(exit_code, request.command))
+        await ws.send_bytes(outcome(waiter.result(), request.command))
     finally:
         pumps[0].cancel()
         if process.returncode is None:
@@ -146,11 +161,14 @@ async def _from_client(ws, process, master: int | None, protocol: str) -> None:
             continue
         channel, payload = data[0], data[1:]
         if channel == STDIN:
-            if master is not None:
-                os.write(master, payload)
-            elif process.stdin is not None:
-                process.stdin.write(payload)
-                await process.stdin.drain()
+            try:
+                if master is not None:
+                    os.write(master, payload)
+                elif process.stdin is not None and not process.stdin.is_closing():
+                    process.stdin.write(payload)
+                    await process.stdin.drain()
+            except (BrokenPipeError, ConnectionResetError, OSError):
+                pass   # the command stopped reading (or exited): its input is dropped
         elif channel == RESIZE and master is not None:
             resize(master, payload)
         elif channel == CLOSE and protocol.startswith("v5") and payload[:1] == bytes([STDIN]):

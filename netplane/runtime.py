@@ -391,15 +391,20 @@ def _spawn(argv: list[str], env: dict[str, str], log_path: str) -> subprocess.Po
                                 stderr=subprocess.STDOUT, start_new_session=True, close_fds=True)
 
 
-def _spawn_on_terminal(argv: list[str], env: dict[str, str]) -> tuple[subprocess.Popen, int]:
-    """`argv` on a new pseudo-terminal, its controlling one (so ^C and job control work); the master."""
+def take_terminal() -> None:
+    """In a child, after fork: its stdin (a new session's pseudo-terminal) becomes its controlling
+    terminal, so ^C, ^Z and a hang-up reach what runs in it."""
     import fcntl
     import termios
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+
+def _spawn_on_terminal(argv: list[str], env: dict[str, str]) -> tuple[subprocess.Popen, int]:
+    """`argv` on a new pseudo-terminal, its controlling one; the master."""
     master, slave = os.openpty()
     try:
         popen = subprocess.Popen(argv, env={**env, "TERM": env.get("TERM", "xterm")}, stdin=slave, stdout=slave,
-                                 stderr=slave, start_new_session=True, close_fds=True,
-                                 preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))
+                                 stderr=slave, start_new_session=True, close_fds=True, preexec_fn=take_terminal)
     except BaseException:
         os.close(master)
         raise

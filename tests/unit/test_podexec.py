@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from types import SimpleNamespace
 
 import aiohttp
@@ -68,6 +69,13 @@ async def exec_over(url: str, command: list[str], stdin: bytes | None = None, tt
     return out, err, status
 
 
+async def gone_within(pid: int, seconds: float) -> bool:
+    deadline = asyncio.get_running_loop().time() + seconds
+    while os.path.exists(f"/proc/{pid}") and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.05)
+    return not os.path.exists(f"/proc/{pid}")
+
+
 def test_exec_runs_through_the_api_server_on_the_pods_agent(tmp_path, monkeypatch):
     monkeypatch.setattr(runtime, "process_argv", lambda netns, hostname, argv: argv)   # no netns in unit tests
     agent = fake_agent(tmp_path)
@@ -93,6 +101,11 @@ def test_exec_runs_through_the_api_server_on_the_pods_agent(tmp_path, monkeypatc
                 "v4": await exec_over(exec_url, ["echo", "old"], protocol="v4.channel.k8s.io"),
             }
             async with aiohttp.ClientSession() as session:
+                async with session.ws_connect(exec_url, protocols=["v5.channel.k8s.io"],
+                                              params=[("command", "sh"), ("command", "-c"),
+                                                      ("command", "echo $$; exec sleep 30")]) as ws:
+                    pid = int((await ws.receive()).data[1:])
+                results["hung_up"] = await gone_within(pid, 5)   # the client left: the command is stopped
                 async with session.get(exec_url, params=[("command", "ls")]) as plain:   # no WebSocket
                     results["plain"] = (plain.status, await plain.text())
                 agent.record.set_terminated(0, "2026-12-01T00:00:01Z")
@@ -113,6 +126,7 @@ def test_exec_runs_through_the_api_server_on_the_pods_agent(tmp_path, monkeypatc
     assert results["stdin"][0] == b"typed\n" and results["stdin"][2]["status"] == "Success"
     assert results["tty"][0] == b"on a terminal\r\n"   # a terminal's line ends
     assert results["v4"][0] == b"old\n" and results["v4"][2]["status"] == "Success"
+    assert results["hung_up"]
     assert results["plain"][0] == 400 and "over a WebSocket" in results["plain"][1]
     assert results["stopped"] == 400   # the container is not running: refused before any upgrade
 
