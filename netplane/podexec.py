@@ -103,57 +103,55 @@ def resize(fd: int, message: bytes) -> None:
 
 async def run(ws, argv: list[str], request: ExecRequest, protocol: str) -> None:
     """Run `argv` (the full command line, in the pod) with its streams on WebSocket `ws` (aiohttp)."""
-    from netplane.runtime import take_terminal
+    from netplane import runtime
     loop = asyncio.get_running_loop()
-    master = None
+    master, stdin = None, None
     try:
-        if request.tty:
-            master, slave = os.openpty()
-            try:
-                process = await asyncio.create_subprocess_exec(*argv, stdin=slave, stdout=slave, stderr=slave,
-                                                               start_new_session=True, preexec_fn=take_terminal)
-            except OSError:
-                os.close(master)
-                raise
-            finally:
-                os.close(slave)
+        if request.tty:   # as a terminal container starts (runtime: its controlling terminal, ^C reaches it)
+            process = await runtime.start_process(argv, dict(os.environ), "", terminal=True)
+            master, wait = process.terminal, process.wait
         else:
             pipe, null = asyncio.subprocess.PIPE, asyncio.subprocess.DEVNULL
             process = await asyncio.create_subprocess_exec(
                 *argv, stdin=pipe if request.stdin else null, stdout=pipe if request.stdout else null,
                 stderr=pipe if request.stderr else null, start_new_session=True)
+            stdin, wait = process.stdin, process.wait
     except OSError as err:
         await ws.send_bytes(outcome(None, request.command, f"cannot run {list(request.command)}: {err}"))
         return
-    pumps = [asyncio.ensure_future(_from_client(ws, process, master, protocol))]
+    pumps = [asyncio.ensure_future(_from_client(ws, stdin, master, protocol))]
     if master is not None:
         pumps.append(asyncio.ensure_future(_from_terminal(ws, loop, master)))
     else:
         for stream, channel in ((process.stdout, STDOUT), (process.stderr, STDERR)):
             if stream is not None:
                 pumps.append(asyncio.ensure_future(_from_stream(ws, stream, channel)))
-    waiter = asyncio.ensure_future(process.wait())
+    waiter = asyncio.ensure_future(wait())
     try:
         await asyncio.wait([waiter, pumps[0]], return_when=asyncio.FIRST_COMPLETED)
         if not waiter.done():   # the client went away first: so does the command, as on a hang-up
-            try:
-                os.killpg(process.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            _kill_group(process.pid)
             await waiter
             return
         await asyncio.gather(*pumps[1:], return_exceptions=True)   # the output, to its end
         await ws.send_bytes(outcome(waiter.result(), request.command))
     finally:
         pumps[0].cancel()
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
+        if not waiter.done():
+            _kill_group(process.pid)
+            await waiter
         if master is not None:
             os.close(master)
 
 
-async def _from_client(ws, process, master: int | None, protocol: str) -> None:
+def _kill_group(pid: int) -> None:
+    try:
+        os.killpg(pid, signal.SIGKILL)   # the command leads its own session and group
+    except ProcessLookupError:
+        pass
+
+
+async def _from_client(ws, stdin, master: int | None, protocol: str) -> None:
     """Client messages: stdin (to the pipe or the terminal), resizes, and in v5 the close of stdin."""
     async for message in ws:
         data = message.data if isinstance(message.data, bytes) else str(message.data).encode()
@@ -164,9 +162,9 @@ async def _from_client(ws, process, master: int | None, protocol: str) -> None:
             try:
                 if master is not None:
                     os.write(master, payload)
-                elif process.stdin is not None and not process.stdin.is_closing():
-                    process.stdin.write(payload)
-                    await process.stdin.drain()
+                elif stdin is not None and not stdin.is_closing():
+                    stdin.write(payload)
+                    await stdin.drain()
             except (BrokenPipeError, ConnectionResetError, OSError):
                 pass   # the command stopped reading (or exited): its input is dropped
         elif channel == RESIZE and master is not None:
@@ -174,10 +172,10 @@ async def _from_client(ws, process, master: int | None, protocol: str) -> None:
         elif channel == CLOSE and protocol.startswith("v5") and payload[:1] == bytes([STDIN]):
             if master is not None:
                 os.write(master, b"\x04")   # ^D: end of input on a terminal
-            elif process.stdin is not None:
-                process.stdin.close()
-    if process.stdin is not None and master is None:   # the client went away: no more input
-        process.stdin.close()
+            elif stdin is not None:
+                stdin.close()
+    if stdin is not None and master is None:   # the client went away: no more input
+        stdin.close()
 
 
 async def _from_stream(ws, stream, channel: int) -> None:

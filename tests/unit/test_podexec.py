@@ -69,6 +69,16 @@ async def exec_over(url: str, command: list[str], stdin: bytes | None = None, tt
     return out, err, status
 
 
+def on_uvloop(coro):
+    """As the agent runs (uvloop starts children its own way: a terminal must work there)."""
+    import uvloop
+    loop = uvloop.new_event_loop()
+    try:
+        return loop.run_until_complete(coro)
+    finally:
+        loop.close()
+
+
 async def gone_within(pid: int, seconds: float) -> bool:
     deadline = asyncio.get_running_loop().time() + seconds
     while os.path.exists(f"/proc/{pid}") and asyncio.get_running_loop().time() < deadline:
@@ -119,7 +129,7 @@ def test_exec_runs_through_the_api_server_on_the_pods_agent(tmp_path, monkeypatc
             await runner.cleanup()
 
     with RunningAPIServer(str(tmp_path / "api.db")) as api:
-        results = asyncio.run(scenario(api.url))
+        results = on_uvloop(scenario(api.url))
     out, err, status = results["streams"]
     assert (out, err) == (b"out\n", b"err\n") and status["reason"] == "NonZeroExitCode"
     assert status["details"]["causes"][0]["message"] == "3"
@@ -189,7 +199,7 @@ def test_attach_reaches_a_containers_terminal_or_its_output(tmp_path, monkeypatc
             await runner.cleanup()
 
     with RunningAPIServer(str(tmp_path / "api.db")) as api:
-        (out, status), (plain_out, plain_status) = asyncio.run(scenario(api.url))
+        (out, status), (plain_out, plain_status) = on_uvloop(scenario(api.url))
     assert b"40 100" in out and b"got:hello" in out, out   # typed, resized, answered
     assert status["details"]["causes"][0]["message"] == "2"
     assert b"got:hello" in (tmp_path / "app.log").read_bytes()   # a terminal's output is logged too
