@@ -260,24 +260,40 @@ async def attach(ws, terminal: Terminal | None, log_path: str, running, exited: 
     """Attach `ws` to a container: its terminal both ways, or (no terminal) its output as it is logged
     from now on; the outcome once it stops."""
     from netplane import podlogs
-    if terminal is not None:
-        queue = terminal.watch()
-        typing = asyncio.ensure_future(_typing(ws, terminal))
-        try:
-            while chunk := await queue.get():
-                await ws.send_bytes(bytes([STDOUT]) + chunk)
-        finally:
-            terminal.watchers.discard(queue)
-            typing.cancel()
-    else:
-        start = os.path.getsize(log_path) if os.path.exists(log_path) else 0
-        await podlogs.follow(log_path, start, running, lambda data: ws.send_bytes(bytes([STDOUT]) + data), None)
+    try:
+        if terminal is not None:
+            if not await _attached_to_terminal(ws, terminal):
+                return   # the client left; the container goes on
+        else:
+            start = os.path.getsize(log_path) if os.path.exists(log_path) else 0
+            await podlogs.follow(log_path, start, running, lambda data: ws.send_bytes(bytes([STDOUT]) + data), None)
+    except ConnectionResetError:
+        return
     try:
         exit_code = await asyncio.wait_for(asyncio.shield(exited), 5)
     except asyncio.TimeoutError:
         exit_code = None
     await ws.send_bytes(outcome(exit_code, command) if exit_code is not None else
                         outcome(None, command, "the container is still running; its terminal closed"))
+
+
+async def _attached_to_terminal(ws, terminal: Terminal) -> bool:
+    """Relay until the terminal closes (True) or the client leaves (False)."""
+    queue = terminal.watch()
+    typing = asyncio.ensure_future(_typing(ws, terminal))
+    try:
+        while True:
+            chunk = asyncio.ensure_future(queue.get())
+            await asyncio.wait([chunk, typing], return_when=asyncio.FIRST_COMPLETED)
+            if not chunk.done():
+                chunk.cancel()
+                return False
+            if not chunk.result():
+                return True
+            await ws.send_bytes(bytes([STDOUT]) + chunk.result())
+    finally:
+        terminal.watchers.discard(queue)
+        typing.cancel()
 
 
 async def _typing(ws, terminal: Terminal) -> None:

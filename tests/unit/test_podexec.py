@@ -184,8 +184,20 @@ def test_attach_reaches_a_containers_terminal_or_its_output(tmp_path, monkeypatc
             # a container with stdin and tty: its terminal, both ways
             process = await runtime.start_process(["sh", "-c", 'read line; stty size; echo "got:$line"; exit 2'],
                                                   env, log_path, terminal=True)
-            worker.processes = {"app": process}
-            worker.terminals = {"app": podexec.Terminal(process.terminal, log_path)}
+            terminal = podexec.Terminal(process.terminal, log_path)
+            worker.processes, worker.terminals = {"app": process}, {"app": terminal}
+            async with aiohttp.ClientSession() as session:   # one that comes and goes (kubectl detached)
+                async with session.ws_connect(attach_url, protocols=["v5.channel.k8s.io"],
+                                              params=[("stdin", "true"), ("tty", "true")]):
+                    for _ in range(50):
+                        if terminal.watchers:
+                            break
+                        await asyncio.sleep(0.02)
+            for _ in range(50):
+                if not terminal.watchers:
+                    break
+                await asyncio.sleep(0.02)
+            left_cleanly = not terminal.watchers and process.popen.poll() is None
             on_terminal = await attach_over(attach_url, b"hello\n", tty=True)
             # a plain container: what it writes from now on
             process = await runtime.start_process(["sh", "-c", "sleep 0.5; echo late; sleep 0.3"], env, log_path)
@@ -194,12 +206,13 @@ def test_attach_reaches_a_containers_terminal_or_its_output(tmp_path, monkeypatc
             plain = asyncio.ensure_future(attach_over(attach_url, None, tty=False))
             await process.wait()
             agent.record.set_terminated(0, "2026-12-01T00:00:01Z")
-            return on_terminal, await asyncio.wait_for(plain, 10)
+            return left_cleanly, on_terminal, await asyncio.wait_for(plain, 10)
         finally:
             await runner.cleanup()
 
     with RunningAPIServer(str(tmp_path / "api.db")) as api:
-        (out, status), (plain_out, plain_status) = on_uvloop(scenario(api.url))
+        left_cleanly, (out, status), (plain_out, plain_status) = on_uvloop(scenario(api.url))
+    assert left_cleanly   # a client that leaves ends its attach; the container goes on
     assert b"40 100" in out and b"got:hello" in out, out   # typed, resized, answered
     assert status["details"]["causes"][0]["message"] == "2"
     assert b"got:hello" in (tmp_path / "app.log").read_bytes()   # a terminal's output is logged too
