@@ -745,8 +745,8 @@ class Agent:
         self.log_rotations: dict[str, int] = {}   # container log path -> times rotated
         self.events = EventRecorder(client, "kubelet", config.node_name)
 
-    def log_file(self, namespace: str, name: str, container: str) -> tuple[str, ContainerRecord]:
-        """The log file of a container of a pod on this node, and its record; podlogs.LogError."""
+    def _started_container(self, namespace: str, name: str, container: str) -> tuple[PodWorker, ContainerRecord]:
+        """A container of a pod on this node that has started at least once; podlogs.LogError."""
         worker = next((w for w in self.workers.values() if (w.ref.namespace, w.ref.name) == (namespace, name)), None)
         if worker is None:
             raise podlogs.LogError(404, f'pods "{name}" not found on node {self.config.node_name}')
@@ -756,6 +756,11 @@ class Agent:
         if not record.has_run:
             raise podlogs.LogError(400, f'container "{container}" in pod "{name}" is waiting to start: '
                                         f"{record.reason}")
+        return worker, record
+
+    def log_file(self, namespace: str, name: str, container: str) -> tuple[str, ContainerRecord]:
+        """The log file of a container of a pod on this node, and its record."""
+        worker, record = self._started_container(namespace, name, container)
         return str(worker.dir / f"{container}.log"), record
 
     def attach_target(self, namespace: str, name: str, container: str):
@@ -768,8 +773,7 @@ class Agent:
 
     def exec_target(self, namespace: str, name: str, container: str) -> PodWorker:
         """The pod to run a `kubectl exec` command in: on this node, its container running."""
-        _, record = self.log_file(namespace, name, container)
-        worker = next(w for w in self.workers.values() if (w.ref.namespace, w.ref.name) == (namespace, name))
+        worker, record = self._started_container(namespace, name, container)
         if record.state != "running" or not worker.sandbox.ready:
             raise podexec.ExecError(400, f'container "{container}" in pod "{name}" is not running')
         return worker
@@ -1045,7 +1049,7 @@ def add_pod_routes(app, agent_or_none) -> None:
                 wanted = podexec.ExecRequest.parse(request.query, attach=verb == "attach")
                 target = (agent.attach_target if verb == "attach" else agent.exec_target)(
                     info["namespace"], info["pod"], info["container"])
-            except (podexec.ExecError, podlogs.LogError) as err:
+            except podlogs.LogError as err:
                 return web.Response(status=err.status, text=err.message)
             ws = web.WebSocketResponse(protocols=[protocol])
             await ws.prepare(request)

@@ -148,6 +148,11 @@ async def _relay(one, other) -> None:
     await asyncio.gather(one.close(), other.close(), return_exceptions=True)
 
 
+def _refused(err: podlogs.LogError) -> APIStatus:
+    """An agent-side refusal (logs, exec, attach) as the API's Status."""
+    return APIStatus(err.status, _STATUS_REASONS.get(err.status, "BadRequest"), err.message)
+
+
 def bad_request(message: str) -> APIStatus:
     return APIStatus(400, "BadRequest", message)
 
@@ -1443,19 +1448,25 @@ class APIServer:
             raise path_not_found()
         raise web.HTTPMethodNotAllowed(method, ["GET", "PUT", "PATCH", "POST"])
 
+    async def _agent_url(self, pod: dict, container: str | None, endpoint: str) -> tuple[str, str]:
+        """(URL, node name) of `endpoint` (containerLogs, exec, attach) for a container of `pod`, at the
+        agent of the pod's node; podlogs.LogError when there is no such place."""
+        namespace, name = pod["metadata"]["namespace"], pod["metadata"]["name"]
+        container = podlogs.container_of(pod, container)
+        node_name = (pod.get("spec") or {}).get("nodeName")
+        if not node_name:
+            raise podlogs.LogError(400, f"pod {name} does not have a host assigned")
+        node = await self.registry.get(kinds.by_kind("Node"), None, node_name)
+        return podlogs.agent_url(node, f"/{endpoint}/{namespace}/{name}/{container}"), node_name
+
     async def _pod_log(self, request: web.Request, namespace: str, name: str) -> web.StreamResponse:
         """pods/log: passed on to the agent of the pod's node (netplane.podlogs), streamed back."""
         pod = await self.registry.get(kinds.by_kind("Pod"), namespace, name)
         try:
             query = podlogs.LogQuery.parse(request.query)
-            container = podlogs.container_of(pod, request.query.get("container"))
-            node_name = (pod.get("spec") or {}).get("nodeName")
-            if not node_name:
-                raise podlogs.LogError(400, f"pod {name} does not have a host assigned")
-            node = await self.registry.get(kinds.by_kind("Node"), None, node_name)
-            url = podlogs.agent_log_url(node, namespace, name, container)
+            url, _ = await self._agent_url(pod, request.query.get("container"), "containerLogs")
         except podlogs.LogError as err:
-            raise APIStatus(err.status, _STATUS_REASONS.get(err.status, "BadRequest"), err.message) from None
+            raise _refused(err) from None
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=None if query.follow else 30)
         response = web.StreamResponse(headers={"Content-Type": "text/plain"})
         try:
@@ -1485,14 +1496,9 @@ class APIServer:
                 raise podexec.ExecError(400, f"Upgrade request required: {verb} speaks "
                                              f"{', '.join(podexec.PROTOCOLS)} over a WebSocket")
             wanted = podexec.ExecRequest.parse(request.query, attach=verb == "attach")
-            container = podlogs.container_of(pod, request.query.get("container"))
-            node_name = (pod.get("spec") or {}).get("nodeName")
-            if not node_name:
-                raise podlogs.LogError(400, f"pod {name} does not have a host assigned")
-            node = await self.registry.get(kinds.by_kind("Node"), None, node_name)
-            url = podlogs.agent_url(node, f"/{verb}/{namespace}/{name}/{container}")
-        except (podexec.ExecError, podlogs.LogError) as err:
-            raise APIStatus(err.status, _STATUS_REASONS.get(err.status, "BadRequest"), err.message) from None
+            url, node_name = await self._agent_url(pod, request.query.get("container"), verb)
+        except podlogs.LogError as err:
+            raise _refused(err) from None
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=5)) as session:
             try:
                 agent = await session.ws_connect(url, protocols=[protocol], params=wanted.as_query())

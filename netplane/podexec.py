@@ -31,15 +31,15 @@ import struct
 import termios
 from dataclasses import dataclass
 
+from netplane.podlogs import LogError
+
 STDIN, STDOUT, STDERR, ERROR, RESIZE, CLOSE = 0, 1, 2, 3, 4, 255
 PROTOCOLS = ("v5.channel.k8s.io", "v4.channel.k8s.io")   # the ones we speak, best first
 
 
-class ExecError(Exception):
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
-        self.message = message
+class ExecError(LogError):
+    """An exec or attach that cannot be done: `status` and Kubernetes' words (a LogError, as every
+    refusal of the agent's pod endpoints is)."""
 
 
 @dataclass(frozen=True)

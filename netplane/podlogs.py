@@ -27,7 +27,8 @@ LOG_MAX_BYTES = 10 * 1024 * 1024
 
 
 class LogError(Exception):
-    """A request that cannot be answered: `status` (400, 404, ...) and Kubernetes' words."""
+    """A request to a pod's logs (or exec, attach) that cannot be answered: `status` (400, 404, ...)
+    and Kubernetes' words."""
 
     def __init__(self, status: int, message: str):
         super().__init__(message)
@@ -100,11 +101,6 @@ def agent_url(node: dict, path: str) -> str:
                             "(status.daemonEndpoints.kubeletEndpoint.Port: its agent runs without --health-listen)")
     host = f"[{address}]" if ":" in address else address
     return f"http://{host}:{port}{path}"
-
-
-def agent_log_url(node: dict, namespace: str, pod: str, container: str) -> str:
-    """Where the node's agent serves this container's log."""
-    return agent_url(node, f"/containerLogs/{namespace}/{pod}/{container}")
 
 
 def tail(data: bytes, lines: int) -> bytes:

@@ -1083,15 +1083,21 @@ class ClosesWhenReused(socketserver.BaseRequestHandler):
                 self.request.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(data), data))
 
 
+def behind_own_ingress(world, name: str, handler, host: str):
+    """A backend `name` (handler) as Service `name`, routed from `host` by an ingress of its own:
+    (the backend server, that ingress's HTTP port)."""
+    server = start_backend(name, handler)
+    world.servers.append(server)
+    objects = svc_objects(name, [server.server_address[1]]) + [{
+        "apiVersion": "networking.k8s.io/v1", "kind": "Ingress", "metadata": {"name": name, "namespace": "default"},
+        "spec": {"rules": [rule(host, [("/", "Prefix", name)])]}}]
+    return server, world.ingress(objects, "--no-access-log")["http"]
+
+
 @pytest.fixture(scope="module")
 def stale(world):
-    server = start_backend("stale", ClosesWhenReused)
-    world.servers.append(server)
-    objects = svc_objects("stale", [server.server_address[1]]) + [{
-        "apiVersion": "networking.k8s.io/v1", "kind": "Ingress", "metadata": {"name": "stale", "namespace": "default"},
-        "spec": {"rules": [rule("stale.test", [("/", "Prefix", "stale")])]}}]
-    ports = world.ingress(objects, "--no-access-log")
-    return SimpleNamespace(port=ports["http"], seen=server.seen)
+    server, port = behind_own_ingress(world, "stale", ClosesWhenReused, "stale.test")
+    return SimpleNamespace(port=port, seen=server.seen)
 
 
 def _on_a_pooled_connection(stale, method: str, path: str, body: bytes | None = None):
@@ -1151,12 +1157,7 @@ class CannedBackend(socketserver.BaseRequestHandler):
 
 @pytest.fixture(scope="module")
 def misbehaving(world):
-    server = start_backend("misbehaving", CannedBackend)
-    world.servers.append(server)
-    objects = svc_objects("bad", [server.server_address[1]]) + [{
-        "apiVersion": "networking.k8s.io/v1", "kind": "Ingress", "metadata": {"name": "bad", "namespace": "default"},
-        "spec": {"rules": [rule("bad.test", [("/", "Prefix", "bad")])]}}]
-    return world.ingress(objects, "--no-access-log")["http"]
+    return behind_own_ingress(world, "bad", CannedBackend, "bad.test")[1]
 
 
 def test_junk_after_a_response_does_not_fail_the_next_request(world, misbehaving):

@@ -12,12 +12,11 @@ import aiohttp
 import pytest
 from multidict import MultiDict
 
-from netplane import agent as agent_mod
 from netplane import podexec, runtime
 from netplane.client import Client
 from netplane.podexec import ExecError, ExecRequest
 from tests.unit.test_apiserver import RunningAPIServer
-from tests.unit.test_podlogs import fake_agent, pod, serve_agent
+from tests.unit.test_podlogs import fake_agent, node_with_agent, pod, serve_agent
 
 
 def test_requests_name_their_command_and_streams():
@@ -86,23 +85,23 @@ async def gone_within(pid: int, seconds: float) -> bool:
     return not os.path.exists(f"/proc/{pid}")
 
 
-def test_exec_runs_through_the_api_server_on_the_pods_agent(tmp_path, monkeypatch):
-    monkeypatch.setattr(runtime, "process_argv", lambda netns, hostname, argv: argv)   # no netns in unit tests
+def exec_ready_agent(tmp_path, monkeypatch):
+    """The fake agent of test_podlogs with its pod's sandbox ready; commands run without a netns."""
+    monkeypatch.setattr(runtime, "process_argv", lambda netns, hostname, argv: argv)
     agent = fake_agent(tmp_path)
     worker = agent.workers["uid"]
     worker.sandbox, worker.ref.netns, worker.ref.hostname, worker.label = SimpleNamespace(ready=True), "x", "p", "default/p"
-    agent.exec_target = lambda ns, name, container: agent_mod.Agent.exec_target(agent, ns, name, container)
+    return agent, worker
+
+
+def test_exec_runs_through_the_api_server_on_the_pods_agent(tmp_path, monkeypatch):
+    agent, worker = exec_ready_agent(tmp_path, monkeypatch)
 
     async def scenario(url: str):
         runner, port = await serve_agent(agent)
         try:
             async with Client(url) as client:
-                await client.create({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "n1"}})
-                node = await client.get("Node", "n1")
-                node["status"] = {"addresses": [{"type": "InternalIP", "address": "127.0.0.1"}],
-                                  "daemonEndpoints": {"kubeletEndpoint": {"Port": port}}}
-                await client.update(node, "status")
-                await client.create({"apiVersion": "v1", "kind": "Pod", **pod()})
+                await node_with_agent(client, port, pod())
             exec_url = f"{url}/api/v1/namespaces/default/pods/p/exec"
             results = {
                 "streams": await exec_over(exec_url, ["sh", "-c", "echo out; echo err >&2; exit 3"]),
@@ -161,12 +160,7 @@ async def attach_over(url: str, typed: bytes | None, tty: bool) -> tuple[bytes, 
 
 
 def test_attach_reaches_a_containers_terminal_or_its_output(tmp_path, monkeypatch):
-    monkeypatch.setattr(runtime, "process_argv", lambda netns, hostname, argv: argv)
-    agent = fake_agent(tmp_path)
-    worker = agent.workers["uid"]
-    worker.sandbox, worker.label = SimpleNamespace(ready=True), "default/p"
-    agent.exec_target = lambda ns, name, container: agent_mod.Agent.exec_target(agent, ns, name, container)
-    agent.attach_target = lambda ns, name, container: agent_mod.Agent.attach_target(agent, ns, name, container)
+    agent, worker = exec_ready_agent(tmp_path, monkeypatch)
     env = {"PATH": "/usr/bin:/bin"}
     log_path = str(tmp_path / "app.log")
 
@@ -174,12 +168,7 @@ def test_attach_reaches_a_containers_terminal_or_its_output(tmp_path, monkeypatc
         runner, port = await serve_agent(agent)
         try:
             async with Client(url) as client:
-                await client.create({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "n1"}})
-                node = await client.get("Node", "n1")
-                node["status"] = {"addresses": [{"type": "InternalIP", "address": "127.0.0.1"}],
-                                  "daemonEndpoints": {"kubeletEndpoint": {"Port": port}}}
-                await client.update(node, "status")
-                await client.create({"apiVersion": "v1", "kind": "Pod", **pod()})
+                await node_with_agent(client, port, pod())
             attach_url = f"{url}/api/v1/namespaces/default/pods/p/attach"
             # a container with stdin and tty: its terminal, both ways
             process = await runtime.start_process(["sh", "-c", 'read line; stty size; echo "got:$line"; exit 2'],

@@ -54,10 +54,10 @@ def test_bad_queries_are_refused_naming_the_parameter(query, message):
 def test_the_agent_is_found_from_its_node():
     node = {"metadata": {"name": "n1"}, "status": {"addresses": [{"type": "InternalIP", "address": "192.168.56.11"}],
                                                    "daemonEndpoints": {"kubeletEndpoint": {"Port": 10248}}}}
-    assert podlogs.agent_log_url(node, "ns", "p", "c") == "http://192.168.56.11:10248/containerLogs/ns/p/c"
+    assert podlogs.agent_url(node, "/containerLogs/ns/p/c") == "http://192.168.56.11:10248/containerLogs/ns/p/c"
     del node["status"]["daemonEndpoints"]
     with pytest.raises(LogError, match="node n1 publishes no address and port for its agent") as err:
-        podlogs.agent_log_url(node, "ns", "p", "c")
+        podlogs.agent_url(node, "/containerLogs/ns/p/c")
     assert err.value.status == 503
 
 
@@ -80,7 +80,8 @@ def fake_agent(tmp_path, state="running"):
     worker = SimpleNamespace(ref=SimpleNamespace(namespace="default", name="p"), containers=[record], dir=tmp_path)
     fake = SimpleNamespace(workers={"uid": worker}, config=SimpleNamespace(node_name="n1"), record=record,
                            log_rotations={})
-    fake.log_file = lambda ns, name, container: agent_mod.Agent.log_file(fake, ns, name, container)
+    for method in ("_started_container", "log_file", "exec_target", "attach_target"):   # the Agent's own
+        setattr(fake, method, getattr(agent_mod.Agent, method).__get__(fake))
     return fake
 
 
@@ -140,6 +141,17 @@ def test_agent_refuses_a_container_that_never_started(tmp_path):
 
 # ------------------------------------------------------------------------------ through the API server
 
+async def node_with_agent(client, port: int, *pods: dict) -> None:
+    """Node n1, its agent at 127.0.0.1:`port` (as an agent publishes it), and `pods`."""
+    await client.create({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "n1"}})
+    node = await client.get("Node", "n1")
+    node["status"] = {"addresses": [{"type": "InternalIP", "address": "127.0.0.1"}],
+                      "daemonEndpoints": {"kubeletEndpoint": {"Port": port}}}
+    await client.update(node, "status")
+    for one in pods:
+        await client.create({"apiVersion": "v1", "kind": "Pod", **one})
+
+
 def test_pods_log_goes_through_the_api_server_to_the_nodes_agent(tmp_path):
     (tmp_path / "app.log").write_bytes(b"started\nserving\n")
     agent = fake_agent(tmp_path)
@@ -148,14 +160,7 @@ def test_pods_log_goes_through_the_api_server_to_the_nodes_agent(tmp_path):
         runner, port = await serve_agent(agent)
         try:
             async with Client(url) as client:
-                await client.create({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "n1"}})
-                node = await client.get("Node", "n1")
-                node["status"] = {"addresses": [{"type": "InternalIP", "address": "127.0.0.1"}],
-                                  "daemonEndpoints": {"kubeletEndpoint": {"Port": port}}}
-                await client.update(node, "status")
-                await client.create({"apiVersion": "v1", "kind": "Pod", **pod()})
-                await client.create({"apiVersion": "v1", "kind": "Pod", **pod("two", ("a", "b"))})
-                await client.create({"apiVersion": "v1", "kind": "Pod", **pod("unbound", node="")})
+                await node_with_agent(client, port, pod(), pod("two", ("a", "b")), pod("unbound", node=""))
                 base = f"{url}/api/v1/namespaces/default/pods"
                 answers = [await fetch(f"{base}/p/log"), await fetch(f"{base}/p/log?tailLines=1&container=app"),
                            await fetch(f"{base}/two/log"), await fetch(f"{base}/unbound/log"),
