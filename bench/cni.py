@@ -7,7 +7,14 @@ Makes a throwaway node namespace (np-bench-...) and pod namespaces, re-enters it
 once per plugin: netplane-cni through its launcher (`python -m netplane.cni.install`) with the node's
 resident helper running (as under the node agent) and without one (standalone), netplane-cni through
 pip's console script, and the reference pair (Debian's containernetworking-plugins). Prints p50/p95
-and the ratios to the reference. --cycles N also runs N ADD/DEL cycles of netplane-cni (with
+and the ratios to the reference.
+
+--calibrate adds three rows that say where the floor is. "floor: bare interpreter": a script with the
+launcher's shebang that only exits (the cost of an exec of the real interpreter, which the issue's
+installation rule fixes). "floor: minimal CPython ADD": the launcher forwarding to bench/cni_floor.py,
+straight-line Python that does only an ADD's kernel and disk work (DEL declined: run standalone).
+"compiled forwarder + node helper": bench/cni_forward.c (built with cc, if there is one) in place
+of the launcher, with the real helper: what a compiled launcher would give. --cycles N also runs N ADD/DEL cycles of netplane-cni (with
 ipMasq) and checks that no allocation, link or nft table is left. Everything is removed at the end.
 """
 from __future__ import annotations
@@ -25,6 +32,7 @@ import uuid
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SUBNET = "10.250.0.0/16"
 CANDIDATES = 4   # launcher with the node helper, launcher standalone, console script, reference
+CALIBRATIONS = 3   # with --calibrate: bare interpreter, minimal CPython ADD, compiled forwarder
 
 
 def network_config(name: str, plugin_type: str, ipam_type: str, bridge: str, data_dir: str, **extra) -> dict:
@@ -90,12 +98,38 @@ def report(rows: list) -> None:
               f"{del50 * 1000:>7.1f}ms{percentile(row['del'], 0.95) * 1000:>7.1f}ms{ratio_add:>7.2f}x{ratio_del:>7.2f}x")
 
 
+def calibration_candidates(work: str, ours: dict, another, with_helper: dict) -> tuple:
+    """(the floor helper's process, the --calibrate candidates); see the module's docstring."""
+    from netplane.cni import forward
+    bare = os.path.join(work, "bin", "bare-interpreter")
+    with open(os.path.join(work, "bin", "netplane-cni")) as launcher, open(bare, "w") as f:
+        f.write(launcher.readline() + "import posix\nposix._exit(0)\n")   # the launcher's own shebang
+    os.chmod(bare, 0o755)
+    floor_conf = another("np-bench-floor", "cni5", "10.249.0.0/16")
+    floor_name = f"np-bench-floor-{os.getpid()}"
+    floor = subprocess.Popen([sys.executable, os.path.join(REPO, "bench", "cni_floor.py"), floor_name, json.dumps(floor_conf)],
+                             stdout=subprocess.PIPE, text=True)
+    if floor.stdout.readline().strip() != "listening":
+        raise SystemExit("bench/cni_floor.py did not start")
+    launcher_path = os.path.join(work, "bin", "netplane-cni")
+    candidates = [("floor: bare interpreter", bare, another("np-bench4", "cni4", "10.248.0.0/16"), "", {}),
+                  ("floor: minimal CPython ADD", launcher_path, floor_conf, "", {forward.HELPER_ENV: floor_name})]
+    compiled = os.path.join(work, "bin", "forward-compiled")
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc and subprocess.run([cc, "-O2", "-o", compiled, os.path.join(REPO, "bench", "cni_forward.c")]).returncode == 0:
+        candidates.append(("compiled forwarder + node helper", compiled, another("np-bench6", "cni6", "10.247.0.0/16"), "",
+                           with_helper))
+    else:
+        print("no C compiler: the compiled-forwarder row is left out")
+    return floor, candidates
+
+
 def inside(args) -> None:
     """Runs in the node namespace."""
     from netplane.cni import forward, helper
     work = args.work
     names = args.pod_names.split(",")
-    pods = [names[k * args.pods:(k + 1) * args.pods] for k in range(CANDIDATES)]
+    pods = [names[k * args.pods:(k + 1) * args.pods] for k in range(len(names) // args.pods)]
     launcher = os.path.join(work, "bin", "netplane-cni")
     console = os.path.join(os.path.dirname(sys.executable), "netplane-cni")
     ours = network_config("np-bench", "netplane-cni", "netplane", "cni0", os.path.join(work, "ipam"))
@@ -115,7 +149,11 @@ def inside(args) -> None:
                    standalone)]
     reference_bridge = os.path.join(args.reference_dir, "bridge")
     helper_process = helper.start(helper_name)   # as the node agent runs it
+    floor_process = None
     try:
+        if args.calibrate:
+            floor_process, calibrations = calibration_candidates(work, ours, another, with_helper)
+            candidates += calibrations
         if os.access(reference_bridge, os.X_OK):
             candidates.append(("reference bridge + host-local", reference_bridge, reference, args.reference_dir, {}))
             report(measure(candidates, pods))
@@ -124,8 +162,10 @@ def inside(args) -> None:
         if args.cycles:
             print(cycles(launcher, {**ours, "ipMasq": True}, pods[0][0], args.cycles, with_helper))
     finally:
-        helper_process.terminate()
-        helper_process.wait()
+        for process in (helper_process, floor_process):
+            if process is not None:
+                process.terminate()
+                process.wait()
 
 
 def main() -> int:
@@ -133,6 +173,8 @@ def main() -> int:
     parser.add_argument("--pods", type=int, default=50)
     parser.add_argument("--cycles", type=int, default=0)
     parser.add_argument("--reference-dir", default="/usr/lib/cni")
+    parser.add_argument("--calibrate", action="store_true",
+                        help="also measure the floors: bare interpreter, minimal CPython ADD, compiled forwarder")
     parser.add_argument("--inside", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
     parser.add_argument("--pod-names", help=argparse.SUPPRESS)
@@ -144,7 +186,8 @@ def main() -> int:
     from netplane.cni import install
     tag = uuid.uuid4().hex[:5]
     node = f"np-bench-{tag}"
-    pods = [f"np-bp{tag}-{k}-{i}" for k in range(CANDIDATES) for i in range(args.pods)]
+    candidates = CANDIDATES + (CALIBRATIONS if args.calibrate else 0)
+    pods = [f"np-bp{tag}-{k}-{i}" for k in range(candidates) for i in range(args.pods)]
     work = tempfile.mkdtemp(prefix="netplane-cni-bench-")
     made = []
     try:
@@ -153,7 +196,8 @@ def main() -> int:
             made.append(name)
         install.install(os.path.join(work, "bin"))
         argv = [sys.executable, os.path.abspath(__file__), "--inside", "--work", work, "--pods", str(args.pods),
-                "--pod-names", ",".join(pods), "--cycles", str(args.cycles), "--reference-dir", args.reference_dir]
+                "--pod-names", ",".join(pods), "--cycles", str(args.cycles), "--reference-dir", args.reference_dir,
+                *(["--calibrate"] if args.calibrate else [])]
         return subprocess.run(["ip", "netns", "exec", node, *argv]).returncode
     finally:
         for name in reversed(made):
