@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from netplane import daemon, netns, overlay, podexec, podlogs, podnet, runtime
+from netplane import daemon, netns, overlay, podexec, podlogs, podnet, portforward, runtime
 from netplane.daemon import log_fields
 from netplane.events import EventRecorder
 from netplane.podnet import PodRef
@@ -747,9 +747,7 @@ class Agent:
 
     def _started_container(self, namespace: str, name: str, container: str) -> tuple[PodWorker, ContainerRecord]:
         """A container of a pod on this node that has started at least once; podlogs.LogError."""
-        worker = next((w for w in self.workers.values() if (w.ref.namespace, w.ref.name) == (namespace, name)), None)
-        if worker is None:
-            raise podlogs.LogError(404, f'pods "{name}" not found on node {self.config.node_name}')
+        worker = self._worker(namespace, name)
         record = next((c for c in worker.containers if c.name == container), None)
         if record is None:
             raise podlogs.LogError(400, f'container "{container}" in pod "{name}" is not valid')
@@ -757,6 +755,19 @@ class Agent:
             raise podlogs.LogError(400, f'container "{container}" in pod "{name}" is waiting to start: '
                                         f"{record.reason}")
         return worker, record
+
+    def _worker(self, namespace: str, name: str) -> PodWorker:
+        worker = next((w for w in self.workers.values() if (w.ref.namespace, w.ref.name) == (namespace, name)), None)
+        if worker is None:
+            raise podlogs.LogError(404, f'pods "{name}" not found on node {self.config.node_name}')
+        return worker
+
+    def port_forward_target(self, namespace: str, name: str) -> PodWorker:
+        """The pod whose ports `kubectl port-forward` reaches: on this node, its network up."""
+        worker = self._worker(namespace, name)
+        if not worker.sandbox.ready:
+            raise podexec.ExecError(400, f'pod "{name}" is not running: its network is not set up')
+        return worker
 
     def log_file(self, namespace: str, name: str, container: str) -> tuple[str, ContainerRecord]:
         """The log file of a container of a pod on this node, and its record."""
@@ -1073,6 +1084,31 @@ def add_pod_routes(app, agent_or_none) -> None:
     app.router.add_get("/containerLogs/{namespace}/{pod}/{container}", container_logs)
     app.router.add_get("/exec/{namespace}/{pod}/{container}", stream("exec", exec_session))
     app.router.add_get("/attach/{namespace}/{pod}/{container}", stream("attach", attach_session))
+
+    async def port_forward(request: web.Request) -> web.StreamResponse:
+        """/portForward/{namespace}/{pod}: SPDY/3.1 over a WebSocket (netplane.portforward)."""
+        agent = agent_or_none()
+        info = request.match_info
+        offered = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",")]
+        try:
+            if agent is None:
+                raise podexec.ExecError(503, "the agent is starting")
+            if portforward.PROTOCOL not in offered:
+                raise podexec.ExecError(400, f"port-forward speaks {portforward.PROTOCOL} over a WebSocket")
+            worker = agent.port_forward_target(info["namespace"], info["pod"])
+        except podlogs.LogError as err:
+            return web.Response(status=err.status, text=err.message)
+        ws = web.WebSocketResponse(protocols=[portforward.PROTOCOL])
+        await ws.prepare(request)
+        try:
+            session = await portforward.serve_websocket(ws, portforward.connector(worker.ref.netns), worker.label)
+            log_fields(log, logging.INFO, "port-forward ended", pod=worker.label, connections=session.forwarded)
+        except portforward.ProtocolError as err:
+            log_fields(log, logging.WARNING, "port-forward: bad SPDY from the client", pod=worker.label, error=str(err))
+        await ws.close()
+        return ws
+
+    app.router.add_get("/portForward/{namespace}/{pod}", port_forward)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,7 +31,7 @@ import yaml
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
 
-from netplane import daemon, events, kinds, podexec, podlogs, validation
+from netplane import daemon, events, kinds, podexec, podlogs, portforward, validation
 from netplane import store as store_mod
 from netplane.allocators import AllocationError, Allocators
 from netplane.kinds import KINDS, Kind
@@ -146,6 +146,14 @@ async def _relay(one, other) -> None:
         task.cancel()
     await asyncio.gather(*pumps, return_exceptions=True)
     await asyncio.gather(one.close(), other.close(), return_exceptions=True)
+
+
+async def _relay_to(request: web.Request, agent, protocol: str) -> web.WebSocketResponse:
+    """Answer the client's upgrade with `protocol`, then relay it to the agent's WebSocket."""
+    client = web.WebSocketResponse(protocols=[protocol])
+    await client.prepare(request)
+    await _relay(client, agent)
+    return client
 
 
 def _refused(err: podlogs.LogError) -> APIStatus:
@@ -946,6 +954,7 @@ def _subresources(kind: Kind) -> list[tuple[str, str, str, str, list[str]]]:
         subs.append(("log", "", "v1", "Pod", ["get"]))
         subs.append(("exec", "", "v1", "PodExecOptions", ["create", "get"]))
         subs.append(("attach", "", "v1", "PodAttachOptions", ["create", "get"]))
+        subs.append(("portforward", "", "v1", "PodPortForwardOptions", ["create", "get"]))
     return subs
 
 
@@ -1444,6 +1453,9 @@ class APIServer:
         elif sub in ("exec", "attach") and kind.kind == "Pod":
             if method in ("GET", "POST"):
                 return await self._pod_stream(request, ns, name, sub)
+        elif sub == "portforward" and kind.kind == "Pod":
+            if method in ("GET", "POST"):
+                return await self._pod_port_forward(request, ns, name)
         else:
             raise path_not_found()
         raise web.HTTPMethodNotAllowed(method, ["GET", "PUT", "PATCH", "POST"])
@@ -1451,13 +1463,17 @@ class APIServer:
     async def _agent_url(self, pod: dict, container: str | None, endpoint: str) -> tuple[str, str]:
         """(URL, node name) of `endpoint` (containerLogs, exec, attach) for a container of `pod`, at the
         agent of the pod's node; podlogs.LogError when there is no such place."""
-        namespace, name = pod["metadata"]["namespace"], pod["metadata"]["name"]
         container = podlogs.container_of(pod, container)
+        return await self._pod_agent_url(pod, endpoint, container)
+
+    async def _pod_agent_url(self, pod: dict, endpoint: str, *more: str) -> tuple[str, str]:
+        """(URL, node name) of /{endpoint}/{namespace}/{pod}[/more...] at the agent of the pod's node."""
+        namespace, name = pod["metadata"]["namespace"], pod["metadata"]["name"]
         node_name = (pod.get("spec") or {}).get("nodeName")
         if not node_name:
             raise podlogs.LogError(400, f"pod {name} does not have a host assigned")
         node = await self.registry.get(kinds.by_kind("Node"), None, node_name)
-        return podlogs.agent_url(node, f"/{endpoint}/{namespace}/{name}/{container}"), node_name
+        return podlogs.agent_url(node, "/".join(["", endpoint, namespace, name, *more])), node_name
 
     async def _pod_log(self, request: web.Request, namespace: str, name: str) -> web.StreamResponse:
         """pods/log: passed on to the agent of the pod's node (netplane.podlogs), streamed back."""
@@ -1507,10 +1523,29 @@ class APIServer:
                                 f"the agent on {node_name} refused: {err.message}") from None
             except aiohttp.ClientError as err:
                 raise APIStatus(500, "InternalError", f'Get "{url}": {err}') from None
-            client = web.WebSocketResponse(protocols=[protocol])
-            await client.prepare(request)
-            await _relay(client, agent)
-            return client
+            return await _relay_to(request, agent, protocol)
+
+    async def _pod_port_forward(self, request: web.Request, namespace: str, name: str) -> web.StreamResponse:
+        """pods/portforward: the client's WebSocket (SPDY/3.1 inside, netplane.portforward) relayed to the
+        agent of the pod's node. The SPDY upgrade older clients ask for (a POST) is refused in words."""
+        pod = await self.registry.get(kinds.by_kind("Pod"), namespace, name)
+        offered = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",")]
+        try:
+            url, node_name = await self._pod_agent_url(pod, "portForward")
+            if portforward.PROTOCOL not in offered or request.headers.get("Upgrade", "").lower() != "websocket":
+                raise podexec.ExecError(400, f"Upgrade request required: port-forward speaks {portforward.PROTOCOL} "
+                                             "over a WebSocket (kubectl 1.31 and later); the SPDY upgrade is not served")
+        except podlogs.LogError as err:
+            raise _refused(err) from None
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=5)) as session:
+            try:
+                agent = await session.ws_connect(url, protocols=[portforward.PROTOCOL])
+            except aiohttp.WSServerHandshakeError as err:
+                raise APIStatus(err.status, _STATUS_REASONS.get(err.status, "InternalError"),
+                                f"the agent on {node_name} refused: {err.message}") from None
+            except aiohttp.ClientError as err:
+                raise APIStatus(500, "InternalError", f'Get "{url}": {err}') from None
+            return await _relay_to(request, agent, portforward.PROTOCOL)
 
     # --- watch --------------------------------------------------------------------------------
 

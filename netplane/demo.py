@@ -192,6 +192,7 @@ def main() -> int:
     print(f"  export KUBECONFIG={lab.LAB_DIR / 'kubeconfig'}   (kubectl works against it too)")
     print("  kubectl logs -l app=echo --prefix   (each request, and the address each pod saw it from)")
     print("  kubectl exec -it client -- sh       kubectl get events")
+    print("  kubectl port-forward svc/echo 8080:80   (then curl localhost:8080: reaches a pod's localhost)")
     print("  take it down: netplane lab down   (or: make down)")
     return 0
 

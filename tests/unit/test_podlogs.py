@@ -80,7 +80,7 @@ def fake_agent(tmp_path, state="running"):
     worker = SimpleNamespace(ref=SimpleNamespace(namespace="default", name="p"), containers=[record], dir=tmp_path)
     fake = SimpleNamespace(workers={"uid": worker}, config=SimpleNamespace(node_name="n1"), record=record,
                            log_rotations={})
-    for method in ("_started_container", "log_file", "exec_target", "attach_target"):   # the Agent's own
+    for method in ("_worker", "_started_container", "log_file", "exec_target", "attach_target", "port_forward_target"):
         setattr(fake, method, getattr(agent_mod.Agent, method).__get__(fake))
     return fake
 
