@@ -1632,6 +1632,12 @@ async def bootstrap(registry: Registry, advertise_address: str, advertise_port: 
                  "endpoints": [{"addresses": [advertise_address], "conditions": {"ready": True}}],
                  "ports": [{"name": "https", "port": advertise_port, "protocol": "TCP"}]}
     await _ensure(registry, kinds.by_kind("EndpointSlice"), "default", endpoints)
+    legacy = {"apiVersion": "v1", "kind": "Endpoints",   # `kubectl get endpoints kubernetes`
+              "metadata": {"name": "kubernetes", "namespace": "default",
+                           "labels": {"endpointslice.kubernetes.io/skip-mirror": "true"}},
+              "subsets": [{"addresses": [{"ip": advertise_address}],
+                           "ports": [{"name": "https", "port": advertise_port, "protocol": "TCP"}]}]}
+    await _ensure(registry, kinds.by_kind("Endpoints"), "default", legacy)
 
 
 async def _ensure(registry: Registry, kind: Kind, namespace: str | None, wanted: dict) -> None:

@@ -267,11 +267,13 @@ def resolve_target_port(service_port: dict, pod: dict) -> int | None:
     return None
 
 
-def endpoint_slices_for(service: dict, pods: list[dict]) -> list[dict]:
-    """The EndpointSlices a Service calls for: one per distinct set of resolved ports."""
+def _backends(service: dict, pods: list[dict]) -> dict[tuple, list[dict]] | None:
+    """The pods a Service with a selector sends to, grouped by their resolved ports ((name, port,
+    protocol), ...), by pod name; None for a Service whose endpoints nobody computes (no selector,
+    ExternalName)."""
     spec = service.get("spec", {})
     if spec.get("type") == "ExternalName" or not spec.get("selector"):
-        return []
+        return None
     groups: dict[tuple, list[dict]] = {}
     for pod in sorted(pods, key=lambda p: p["metadata"]["name"]):
         if (pod["metadata"].get("namespace") != service["metadata"]["namespace"]
@@ -285,6 +287,14 @@ def endpoint_slices_for(service: dict, pods: list[dict]) -> list[dict]:
             if number is not None:
                 ports.append((sp.get("name", ""), number, sp.get("protocol", "TCP")))
         groups.setdefault(tuple(ports), []).append(pod)
+    return groups
+
+
+def endpoint_slices_for(service: dict, pods: list[dict]) -> list[dict]:
+    """The EndpointSlices a Service calls for: one per distinct set of resolved ports."""
+    groups = _backends(service, pods)
+    if groups is None:
+        return []
     if not groups:
         groups[()] = []
     return [_slice(service, ports, members) for ports, members in sorted(groups.items())]
@@ -325,6 +335,129 @@ def reconcile_endpoint_slices(services: list[dict], pods: list[dict], slices: li
                 actions.append(patch("EndpointSlice", have, {"endpoints": want["endpoints"],
                                                              "ports": want["ports"]}))
     actions += [delete("EndpointSlice", s) for k, s in sorted(ours.items()) if k not in wanted_keys]
+    return actions
+
+
+# --------------------------------------------------------------------------------------------
+# Endpoints (core/v1): what `kubectl get endpoints` shows, and the other way round for a Service
+# without a selector, whose Endpoints its user writes: mirrored into EndpointSlices, which the proxy
+# and DNS read (Kubernetes' endpointslicemirroring controller).
+
+ENDPOINTS_MANAGED_BY = "endpoints.kubernetes.io/managed-by"
+ENDPOINTS_MANAGER = "endpoint-controller"
+MIRROR_MANAGER = "endpointslicemirroring-controller.k8s.io"
+SKIP_MIRROR = "endpointslice.kubernetes.io/skip-mirror"
+
+
+def endpoints_for(service: dict, pods: list[dict]) -> dict | None:
+    """The Endpoints of a Service with a selector: one subset per set of resolved ports, ready pods
+    in addresses, the others in notReadyAddresses (as the Kubernetes endpoints controller)."""
+    groups = _backends(service, pods)
+    if groups is None:
+        return None
+    meta = service["metadata"]
+    subsets = []
+    for ports, members in sorted(groups.items()):
+        subset = {}
+        for key, ready in (("addresses", True), ("notReadyAddresses", False)):
+            chosen = [_endpoint_address(p) for p in members if pod_is_ready(p) == ready]
+            if chosen:
+                subset[key] = chosen
+        if ports:
+            subset["ports"] = [{"name": n, "port": port, "protocol": proto} if n else {"port": port, "protocol": proto}
+                               for n, port, proto in ports]
+        subsets.append(subset)
+    return {"apiVersion": "v1", "kind": "Endpoints",
+            "metadata": {"name": meta["name"], "namespace": meta["namespace"],
+                         "labels": {**(meta.get("labels") or {}), ENDPOINTS_MANAGED_BY: ENDPOINTS_MANAGER}},
+            "subsets": subsets}
+
+
+def _endpoint_address(pod: dict) -> dict:
+    return {"ip": pod["status"]["podIP"], "nodeName": pod["spec"].get("nodeName"),
+            "targetRef": {"kind": "Pod", "namespace": pod["metadata"]["namespace"], "name": pod["metadata"]["name"],
+                          "uid": pod["metadata"].get("uid")}}
+
+
+def reconcile_endpoints(services: list[dict], pods: list[dict], endpoints: list[dict]) -> list[Action]:
+    """Endpoints for every Service with a selector (taken over if someone else wrote them, as in
+    Kubernetes); ours (labelled) go with their Service or its selector. The Endpoints of a Service
+    without a selector are its user's: never touched."""
+    existing = {key_of(e): e for e in endpoints}
+    actions: list[Action] = []
+    wanted = set()
+    for service in services:
+        want = endpoints_for(service, pods)
+        if want is None:
+            continue
+        wanted.add(key_of(want))
+        have = existing.get(key_of(want))
+        if have is None:
+            actions.append(create(want))
+        elif (have.get("subsets") or []) != want["subsets"] or labels_of(have) != want["metadata"]["labels"]:
+            actions.append(Action("patch", "Endpoints", *key_of(have),
+                                  {"metadata": {"labels": _label_patch(labels_of(have), want["metadata"]["labels"])},
+                                   "subsets": want["subsets"]}))
+    actions += [delete("Endpoints", e) for k, e in sorted(existing.items())
+                if k not in wanted and labels_of(e).get(ENDPOINTS_MANAGED_BY) == ENDPOINTS_MANAGER]
+    return actions
+
+
+def _label_patch(have: dict, want: dict) -> dict:
+    """A merge patch from labels `have` to `want` (null removes)."""
+    return {**{k: None for k in have if k not in want}, **want}
+
+
+def mirrored_slices(services: list[dict], endpoints: list[dict]) -> list[dict]:
+    """EndpointSlices for the Endpoints a user wrote for a Service without a selector: one per subset
+    and address family, ready from addresses, not ready from notReadyAddresses."""
+    by_key = {key_of(s): s for s in services}
+    slices = []
+    for eps in sorted(endpoints, key=key_of):
+        service = by_key.get(key_of(eps))
+        if (service is None or (service.get("spec") or {}).get("selector")
+                or labels_of(eps).get(ENDPOINTS_MANAGED_BY) == ENDPOINTS_MANAGER
+                or labels_of(eps).get(SKIP_MIRROR) == "true"):
+            continue
+        for index, subset in enumerate(eps.get("subsets") or []):
+            entries = [(a, True) for a in subset.get("addresses") or []] + \
+                      [(a, False) for a in subset.get("notReadyAddresses") or []]
+            for family in ("IPv4", "IPv6"):
+                chosen = [(a, r) for a, r in entries if (":" in str(a.get("ip", ""))) == (family == "IPv6")]
+                if chosen:
+                    slices.append(_mirrored_slice(service, subset.get("ports") or [], chosen, family, index))
+    return slices
+
+
+def _mirrored_slice(service: dict, ports: list, entries: list, family: str, index: int) -> dict:
+    meta = service["metadata"]
+    return {
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": f"{meta['name']}-{short_hash([meta.get('uid'), index, family], 5)}",
+                     "namespace": meta["namespace"],
+                     "labels": {SERVICE_NAME_LABEL: meta["name"], MANAGED_BY: MIRROR_MANAGER},
+                     "ownerReferences": [owner_reference(service)]},
+        "addressType": family,
+        "endpoints": [{"addresses": [a["ip"]], "conditions": {"ready": r, "serving": r, "terminating": False},
+                       **({"nodeName": a["nodeName"]} if a.get("nodeName") else {}),
+                       **({"targetRef": a["targetRef"]} if a.get("targetRef") else {})} for a, r in entries],
+        "ports": [{"name": p.get("name", ""), "port": p.get("port"), "protocol": p.get("protocol", "TCP")}
+                  for p in ports],
+    }
+
+
+def reconcile_mirrored_slices(services: list[dict], endpoints: list[dict], slices: list[dict]) -> list[Action]:
+    ours = {key_of(s): s for s in slices if labels_of(s).get(MANAGED_BY) == MIRROR_MANAGER}
+    actions: list[Action] = []
+    wanted = set()
+    for want in mirrored_slices(services, endpoints):
+        wanted.add(key_of(want))
+        have = ours.get(key_of(want))
+        if have is None:
+            actions.append(create(want))
+        elif any(have.get(f) != want[f] for f in ("endpoints", "ports")):
+            actions.append(patch("EndpointSlice", have, {"endpoints": want["endpoints"], "ports": want["ports"]}))
+    actions += [delete("EndpointSlice", s) for k, s in sorted(ours.items()) if k not in wanted]
     return actions
 
 
@@ -418,6 +551,8 @@ def desired_actions(objects: dict[str, list[dict]], settings: Settings, now: flo
         if rs["metadata"].get("uid") not in unsettled:
             actions += reconcile_replicaset(rs, objects["Pod"])
     actions += reconcile_endpoint_slices(objects["Service"], objects["Pod"], objects["EndpointSlice"])
+    actions += reconcile_endpoints(objects["Service"], objects["Pod"], objects.get("Endpoints", []))
+    actions += reconcile_mirrored_slices(objects["Service"], objects.get("Endpoints", []), objects["EndpointSlice"])
     actions += allocate_pod_cidrs(objects["Node"], settings.cluster_cidr, settings.node_cidr_mask, assigned_cidrs)
     actions += stale_nodes(objects["Node"], now)
     actions += orphans(objects)
@@ -448,7 +583,7 @@ class Expectations:
         return False
 
 
-KINDS = ("Deployment", "ReplicaSet", "Pod", "Service", "EndpointSlice", "Node")
+KINDS = ("Deployment", "ReplicaSet", "Pod", "Service", "EndpointSlice", "Endpoints", "Node")
 
 
 class ControllerManager:

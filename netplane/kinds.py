@@ -52,6 +52,7 @@ KINDS: tuple[Kind, ...] = (
     Kind("Secret", "", "v1", "secrets", True, ()),
     Kind("ConfigMap", "", "v1", "configmaps", True, ("cm",)),
     Kind("Event", "", "v1", "events", True, ("ev",)),
+    Kind("Endpoints", "", "v1", "endpoints", True, ("ep",)),
     Kind("EndpointSlice", "discovery.k8s.io", "v1", "endpointslices", True, ()),
     Kind("Deployment", "apps", "v1", "deployments", True, ("deploy",)),
     Kind("ReplicaSet", "apps", "v1", "replicasets", True, ("rs",)),

@@ -486,6 +486,17 @@ def _slice_endpoints(eps: dict) -> str:
     return f"{shown} + {len(addresses) - 3} more..." if len(addresses) > 3 else shown
 
 
+def _endpoints_text(eps: dict) -> str:
+    """ip:port for each address and port of each subset, three at most, as kubectl prints Endpoints."""
+    pairs = [f"{a.get('ip')}:{p.get('port')}" if subset.get("ports") else str(a.get("ip"))
+             for subset in eps.get("subsets") or [] for p in (subset.get("ports") or [{}])
+             for a in subset.get("addresses") or []]
+    if not pairs:
+        return "<none>"
+    shown = ",".join(pairs[:3])
+    return f"{shown} + {len(pairs) - 3} more..." if len(pairs) > 3 else shown
+
+
 def _ingress_address(ing: dict) -> str:
     ingress = ((ing.get("status") or {}).get("loadBalancer") or {}).get("ingress") or []
     return _join((i.get("ip") or i.get("hostname") for i in ingress), "")
@@ -562,6 +573,10 @@ COLUMNS: dict[str, list[Column]] = {
     ],
     "Namespace": [
         ("STATUS", lambda o, n: _status(o, "phase", default="Active"), False),
+        ("AGE", _age, False),
+    ],
+    "Endpoints": [
+        ("ENDPOINTS", lambda o, n: _endpoints_text(o), False),
         ("AGE", _age, False),
     ],
     "EndpointSlice": [

@@ -83,6 +83,10 @@ def default(obj: dict) -> dict:
     if kind == "EndpointSlice":  # its fields sit at the top level, not under spec
         for port in _dicts(obj.get("ports")):
             port.setdefault("protocol", "TCP")
+    if kind == "Endpoints":
+        for subset in _dicts(obj.get("subsets")):
+            for port in _dicts(subset.get("ports")):
+                port.setdefault("protocol", "TCP")
     return obj
 
 
@@ -578,6 +582,26 @@ def _validate_endpointslice(obj: dict, errors: list) -> None:
             errors.append((f"ports[{index}].protocol", unsupported(port["protocol"], PROTOCOLS)))
 
 
+def _validate_endpoints(obj: dict, errors: list) -> None:
+    """core/v1 Endpoints: every address an IP, every port a port (a user's, for a Service without a
+    selector, becomes EndpointSlices the proxy routes to: netplane.controllers.mirrored_slices)."""
+    for index, subset in enumerate(_list(obj.get("subsets"), "subsets", errors, need=False)):
+        if not isinstance(subset, dict):
+            continue
+        for key in ("addresses", "notReadyAddresses"):
+            for a_index, address in enumerate(_list(subset.get(key), f"subsets[{index}].{key}", errors, need=False)):
+                ip = address.get("ip") if isinstance(address, dict) else None
+                if not (_valid_address("IPv4", ip) or _valid_address("IPv6", ip)):
+                    errors.append((f"subsets[{index}].{key}[{a_index}].ip",
+                                   required() if ip is None else invalid(ip, "must be a valid IP address")))
+        for p_index, port in enumerate(_list(subset.get("ports"), f"subsets[{index}].ports", errors, need=False)):
+            if not isinstance(port, dict):
+                continue
+            _port_number(port.get("port"), f"subsets[{index}].ports[{p_index}].port", errors)
+            if port.get("protocol", "TCP") not in PROTOCOLS:
+                errors.append((f"subsets[{index}].ports[{p_index}].protocol", unsupported(port["protocol"], PROTOCOLS)))
+
+
 def _valid_address(address_type, address) -> bool:
     if address_type == "FQDN":
         return _matches(DNS1123_SUBDOMAIN, address, 253)
@@ -620,6 +644,7 @@ _VALIDATORS: dict[str, Callable[[dict, list], None]] = {
     "ReplicaSet": _validate_workload,
     "Ingress": _validate_ingress,
     "EndpointSlice": _validate_endpointslice,
+    "Endpoints": _validate_endpoints,
     "Node": _validate_node,
     "ConfigMap": _validate_data,
     "Secret": _validate_data,

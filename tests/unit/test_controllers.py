@@ -137,6 +137,59 @@ def test_empty_service_still_gets_an_empty_slice():
     assert slice_["endpoints"] == [] and slice_["ports"] == []
 
 
+def test_endpoints_list_ready_and_unready_pods_per_port_set_as_kubectl_get_endpoints_shows():
+    svc = service(ports=[{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"}])
+    svc["metadata"]["labels"] = {"app": "echo"}
+    pods = [pod("a", "10.244.1.2"), pod("b", "10.244.2.2", ready=False, node="worker-2"),
+            pod("c", "10.244.1.3", ports=[{"name": "http", "containerPort": 9090}]), pod("d")]
+    eps = c.endpoints_for(svc, pods)
+    assert eps["metadata"]["labels"] == {"app": "echo", c.ENDPOINTS_MANAGED_BY: c.ENDPOINTS_MANAGER}
+    assert [([a["ip"] for a in s.get("addresses", [])], [a["ip"] for a in s.get("notReadyAddresses", [])],
+             s["ports"]) for s in eps["subsets"]] == [
+        (["10.244.1.2"], ["10.244.2.2"], [{"name": "http", "port": 8080, "protocol": "TCP"}]),
+        (["10.244.1.3"], [], [{"name": "http", "port": 9090, "protocol": "TCP"}])]
+    assert eps["subsets"][0]["addresses"][0]["targetRef"]["name"] == "a"
+    assert c.endpoints_for(service(selector={}), pods) is None            # its user's to write
+    assert c.endpoints_for(service(), [])["subsets"] == []
+
+
+def test_endpoints_follow_their_service_and_take_over_a_stale_copy():
+    svc, pods = service(), [pod("a", "10.244.1.2")]
+    [create] = c.reconcile_endpoints([svc], pods, [])
+    assert (create.verb, create.kind, create.name) == ("create", "Endpoints", "echo")
+    existing = stored(create.body, "ep-uid")
+    assert c.reconcile_endpoints([svc], pods, [existing]) == []           # no churn
+    [update] = c.reconcile_endpoints([svc], pods + [pod("b", "10.244.1.3")], [existing])
+    assert update.verb == "patch" and len(update.body["subsets"][0]["addresses"]) == 2
+    assert [a.verb for a in c.reconcile_endpoints([], pods, [existing])] == ["delete"]   # the Service is gone
+    users = {**existing, "metadata": {"name": "echo", "namespace": "default"}}          # written by hand
+    assert c.reconcile_endpoints([service(selector={})], pods, [users]) == []
+    [taken] = c.reconcile_endpoints([svc], pods, [{**users, "subsets": []}])            # a selector: ours now
+    assert taken.verb == "patch" and taken.body["metadata"]["labels"][c.ENDPOINTS_MANAGED_BY] == c.ENDPOINTS_MANAGER
+
+
+def test_a_users_endpoints_for_a_service_without_selector_become_endpoint_slices():
+    external = service(selector={}, ports=[{"name": "db", "port": 5432, "protocol": "TCP"}])
+    eps = {"apiVersion": "v1", "kind": "Endpoints", "metadata": {"name": "echo", "namespace": "default"},
+           "subsets": [{"addresses": [{"ip": "192.0.2.10"}, {"ip": "2001:db8::1"}],
+                        "notReadyAddresses": [{"ip": "192.0.2.11"}],
+                        "ports": [{"name": "db", "port": 5432, "protocol": "TCP"}]}]}
+    slices = c.mirrored_slices([external], [eps])
+    assert [(s["addressType"], [(e["addresses"][0], e["conditions"]["ready"]) for e in s["endpoints"]])
+            for s in slices] == [("IPv4", [("192.0.2.10", True), ("192.0.2.11", False)]), ("IPv6", [("2001:db8::1", True)])]
+    assert slices[0]["metadata"]["labels"] == {c.SERVICE_NAME_LABEL: "echo", c.MANAGED_BY: c.MIRROR_MANAGER}
+    assert slices[0]["ports"] == [{"name": "db", "port": 5432, "protocol": "TCP"}]
+    assert slices[0]["metadata"]["ownerReferences"][0]["uid"] == "s-uid"   # collected with the Service
+    assert c.mirrored_slices([service()], [eps]) == []                    # a selector: the controller's own
+    skip = {**eps, "metadata": {**eps["metadata"], "labels": {c.SKIP_MIRROR: "true"}}}
+    assert c.mirrored_slices([external], [skip]) == []
+    creates = c.reconcile_mirrored_slices([external], [eps], [])
+    assert [a.verb for a in creates] == ["create", "create"]
+    have = [stored(a.body, f"u{i}") for i, a in enumerate(creates)]
+    assert c.reconcile_mirrored_slices([external], [eps], have) == []
+    assert [a.verb for a in c.reconcile_mirrored_slices([external], [], have)] == ["delete", "delete"]
+
+
 def test_pod_cidrs_are_allocated_once_and_skip_used_ones():
     nodes = [{"metadata": {"name": "a", "creationTimestamp": "1"}, "spec": {"podCIDR": "10.244.0.0/24"}},
              {"metadata": {"name": "b", "creationTimestamp": "2"}, "spec": {}},

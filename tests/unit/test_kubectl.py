@@ -171,6 +171,14 @@ def test_human_duration_matches_kubectl():
         ["5s", "119s", "2m5s", "10m", "3h1m", "9h", "3d1h", "30d"]
 
 
+def test_endpoints_print_as_kubectl_get_endpoints():
+    from netplane.kubectl import _endpoints_text
+    eps = {"subsets": [{"addresses": [{"ip": "10.0.0.1"}, {"ip": "10.0.0.2"}], "ports": [{"port": 80}, {"port": 443}]}]}
+    assert _endpoints_text(eps) == "10.0.0.1:80,10.0.0.2:80,10.0.0.1:443 + 1 more..."
+    assert _endpoints_text({"subsets": [{"addresses": [{"ip": "10.0.0.1"}]}]}) == "10.0.0.1"
+    assert _endpoints_text({"subsets": [{"notReadyAddresses": [{"ip": "10.0.0.1"}], "ports": [{"port": 80}]}]}) == "<none>"
+
+
 def test_tables_pad_like_tabwriter():
     assert format_table([["NAME", "AGE"], ["a", "5s"]]) == "NAME   AGE\na      5s"
     pod = {"metadata": {"name": "echo-1", "namespace": "default", "creationTimestamp": "2025-01-01T00:00:00Z"},

@@ -171,6 +171,18 @@ def test_endpointslice_needs_an_address_type_and_addresses():
     assert fields({**eps, "endpoints": [{"addresses": ["fe80::1"]}]}) == ["endpoints[0].addresses[0]"]
 
 
+def test_endpoints_need_ips_and_ports():
+    eps = {"apiVersion": "v1", "kind": "Endpoints", "metadata": {"name": "db"},
+           "subsets": [{"addresses": [{"ip": "192.0.2.10"}, {"ip": "2001:db8::1"}], "ports": [{"port": 5432}]}]}
+    assert fields(eps) == []
+    assert default(eps)["subsets"][0]["ports"][0]["protocol"] == "TCP"
+    bad = {**eps, "subsets": [{"addresses": [{"ip": "db.example"}, {}], "notReadyAddresses": [{"ip": "10.0.0.300"}],
+                               "ports": [{"port": 0}, {"port": 80, "protocol": "ICMP"}]}]}
+    assert fields(bad) == ["subsets[0].addresses[0].ip", "subsets[0].addresses[1].ip",
+                           "subsets[0].notReadyAddresses[0].ip", "subsets[0].ports[0].port",
+                           "subsets[0].ports[1].protocol"]
+
+
 def test_defaults_fill_the_usual_fields_and_are_idempotent():
     svc = default(service(ports=[{"port": 80}]))
     assert svc["spec"]["type"] == "ClusterIP"
