@@ -958,9 +958,46 @@ def _subresources(kind: Kind) -> list[tuple[str, str, str, str, list[str]]]:
     return subs
 
 
+# Create-only resources, answered at once and never stored: `kubectl auth can-i` and `kubectl auth
+# whoami`. This API server authenticates no one and authorizes everything (a lab's trust model), so
+# every request is system:anonymous's and every one is allowed, as an AlwaysAllow authorizer says.
+REVIEW_KINDS = (
+    Kind("SelfSubjectAccessReview", "authorization.k8s.io", "v1", "selfsubjectaccessreviews", False),
+    Kind("SelfSubjectRulesReview", "authorization.k8s.io", "v1", "selfsubjectrulesreviews", False),
+    Kind("SelfSubjectReview", "authentication.k8s.io", "v1", "selfsubjectreviews", False),
+)
+_REVIEWS = {(k.group, k.version, k.plural): k for k in REVIEW_KINDS}
+ALLOWED_REASON = "netplane's API server allows every request (no authentication, AlwaysAllow authorization)"
+
+
+def review(kind: Kind, body: dict) -> dict:
+    """The answer to a review request (its spec back, with the status); APIStatus 400 when the
+    request is not one."""
+    if not isinstance(body, dict) or body.get("kind") not in (None, kind.kind):
+        raise bad_request(f"the request body must be a {kind.kind}")
+    spec = body.get("spec") or {}
+    if kind.kind == "SelfSubjectAccessReview":
+        if bool(spec.get("resourceAttributes")) == bool(spec.get("nonResourceAttributes")):
+            raise APIStatus(422, "Invalid", f"{kind.kind}.authorization.k8s.io is invalid: spec.resourceAttributes: "
+                                            "Invalid value: \"null\": exactly one of nonResourceAttributes or "
+                                            "resourceAttributes must be specified")
+        status = {"allowed": True, "reason": ALLOWED_REASON}
+    elif kind.kind == "SelfSubjectRulesReview":
+        status = {"resourceRules": [{"verbs": ["*"], "apiGroups": ["*"], "resources": ["*"]}],
+                  "nonResourceRules": [{"verbs": ["*"], "nonResourceURLs": ["*"]}], "incomplete": False}
+    else:
+        status = {"userInfo": {"username": "system:anonymous", "groups": ["system:unauthenticated"]}}
+    return {"apiVersion": kind.api_version, "kind": kind.kind, "metadata": {"creationTimestamp": None},
+            **({"spec": spec} if kind.kind != "SelfSubjectReview" else {}), "status": status}
+
+
+def _verbs(kind: Kind) -> list[str]:
+    return ["create"] if kind in REVIEW_KINDS else VERBS
+
+
 def group_versions() -> dict[tuple[str, str], list[Kind]]:
     grouped: dict[tuple[str, str], list[Kind]] = {}
-    for kind in KINDS:
+    for kind in (*KINDS, *REVIEW_KINDS):
         grouped.setdefault((kind.group, kind.version), []).append(kind)
     return grouped
 
@@ -977,7 +1014,7 @@ def api_resource_list(group: str, version: str) -> dict | None:
     resources = []
     for kind in members:
         entry = {"name": kind.plural, "singularName": kind.singular, "namespaced": kind.namespaced,
-                 "kind": kind.kind, "verbs": VERBS}
+                 "kind": kind.kind, "verbs": _verbs(kind)}
         if kind.short_names:
             entry["shortNames"] = list(kind.short_names)
         if kind.kind in CATEGORY_ALL:
@@ -1028,7 +1065,7 @@ def _aggregated_resource(kind: Kind) -> dict:
     entry = {"resource": kind.plural,
              "responseKind": {"group": kind.group, "version": kind.version, "kind": kind.kind},
              "scope": "Namespaced" if kind.namespaced else "Cluster",
-             "singularResource": kind.singular, "verbs": VERBS}
+             "singularResource": kind.singular, "verbs": _verbs(kind)}
     if kind.short_names:
         entry["shortNames"] = list(kind.short_names)
     if kind.kind in CATEGORY_ALL:
@@ -1062,7 +1099,7 @@ def openapi_document(group: str, version: str) -> dict | None:
     if members is None:
         return None
     paths = {}
-    for kind in members:
+    for kind in (k for k in members if k not in REVIEW_KINDS):
         ns = "/namespaces/{namespace}" if kind.namespaced else ""
         paths[f"{kind.prefix}{ns}/{kind.plural}/{{name}}"] = {"patch": {
             "x-kubernetes-group-version-kind": {"group": kind.group, "version": kind.version, "kind": kind.kind},
@@ -1366,6 +1403,12 @@ class APIServer:
             if listing is None:
                 raise path_not_found()
             return _json(listing)
+        reviewed = _REVIEWS.get((group, version, rest[0]))
+        if reviewed is not None and len(rest) == 1:
+            request[VERB], request[RESOURCE] = "create", reviewed.plural
+            if request.method != "POST":
+                raise web.HTTPMethodNotAllowed(request.method, ["POST"])
+            return _json(review(reviewed, await _read_body(request)), 201)
         path = parse_resource_path(group, version, rest)
         if path is None:
             raise path_not_found()

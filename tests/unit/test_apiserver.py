@@ -451,7 +451,8 @@ def test_legacy_discovery(api):
     status, _, body = run(raw(api, "GET", "/api", headers={"Accept": "application/json"}))
     assert status == 200 and body["kind"] == "APIVersions" and body["versions"] == ["v1"]
     _, _, groups = run(raw(api, "GET", "/apis"))
-    assert {g["name"] for g in groups["groups"]} == {"apps", "discovery.k8s.io", "networking.k8s.io"}
+    assert {g["name"] for g in groups["groups"]} == {"apps", "discovery.k8s.io", "networking.k8s.io",
+                                                    "authorization.k8s.io", "authentication.k8s.io"}
     _, _, core = run(raw(api, "GET", "/api/v1"))
     pods = next(r for r in core["resources"] if r["name"] == "pods")
     assert pods["namespaced"] and pods["kind"] == "Pod" and "watch" in pods["verbs"] and pods["shortNames"] == ["po"]
@@ -462,6 +463,32 @@ def test_legacy_discovery(api):
     assert (scale["group"], scale["version"], scale["kind"]) == ("autoscaling", "v1", "Scale")
     status, _, group = run(raw(api, "GET", "/apis/apps"))
     assert status == 200 and group["preferredVersion"]["groupVersion"] == "apps/v1"
+
+
+def test_kubectl_auth_can_i_and_whoami_are_answered_as_an_open_lab(api):
+    async def scenario():
+        can_i = await raw(api, "POST", "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews",
+                          {"apiVersion": "authorization.k8s.io/v1", "kind": "SelfSubjectAccessReview",
+                           "spec": {"resourceAttributes": {"verb": "delete", "resource": "nodes"}}})
+        rules = await raw(api, "POST", "/apis/authorization.k8s.io/v1/selfsubjectrulesreviews",
+                          {"kind": "SelfSubjectRulesReview", "spec": {"namespace": "default"}})
+        whoami = await raw(api, "POST", "/apis/authentication.k8s.io/v1/selfsubjectreviews",
+                           {"kind": "SelfSubjectReview"})
+        neither = await raw(api, "POST", "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews", {"spec": {}})
+        other = await raw(api, "POST", "/apis/authentication.k8s.io/v1/selfsubjectreviews", {"kind": "Pod"})
+        listed = await raw(api, "GET", "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews")
+        discovery = await raw(api, "GET", "/apis/authorization.k8s.io/v1")
+        return can_i, rules, whoami, neither, other, listed, discovery
+    can_i, rules, whoami, neither, other, listed, discovery = run(scenario())
+    assert can_i[0] == 201 and can_i[2]["status"]["allowed"] is True and "AlwaysAllow" in can_i[2]["status"]["reason"]
+    assert can_i[2]["spec"]["resourceAttributes"]["resource"] == "nodes"
+    assert rules[2]["status"]["resourceRules"] == [{"verbs": ["*"], "apiGroups": ["*"], "resources": ["*"]}]
+    assert whoami[2]["status"]["userInfo"] == {"username": "system:anonymous", "groups": ["system:unauthenticated"]}
+    assert neither[0] == 422 and "exactly one of nonResourceAttributes or resourceAttributes" in neither[2]["message"]
+    assert other[0] == 400
+    assert listed[0] == 405   # nothing is stored: only POST
+    assert {(r["name"], tuple(r["verbs"])) for r in discovery[2]["resources"]} == {
+        ("selfsubjectaccessreviews", ("create",)), ("selfsubjectrulesreviews", ("create",))}
 
 
 def test_aggregated_discovery_is_negotiated_on_accept(api):
