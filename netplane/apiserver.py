@@ -31,7 +31,7 @@ import yaml
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
 
-from netplane import daemon, events, kinds, podexec, podlogs, portforward, validation
+from netplane import apiproxy, daemon, events, kinds, podexec, podlogs, portforward, validation
 from netplane import store as store_mod
 from netplane.allocators import AllocationError, Allocators
 from netplane.kinds import KINDS, Kind
@@ -955,6 +955,8 @@ def _subresources(kind: Kind) -> list[tuple[str, str, str, str, list[str]]]:
         subs.append(("exec", "", "v1", "PodExecOptions", ["create", "get"]))
         subs.append(("attach", "", "v1", "PodAttachOptions", ["create", "get"]))
         subs.append(("portforward", "", "v1", "PodPortForwardOptions", ["create", "get"]))
+    if kind.kind in ("Pod", "Service"):
+        subs.append(("proxy", "", "v1", f"{kind.kind}ProxyOptions", ["create", "delete", "get", "patch", "update"]))
     return subs
 
 
@@ -1403,6 +1405,9 @@ class APIServer:
             if listing is None:
                 raise path_not_found()
             return _json(listing)
+        if (group, version) == ("", "v1") and len(rest) >= 5 and rest[0] == "namespaces" \
+                and rest[2] in ("pods", "services") and rest[4] == "proxy":
+            return await self._proxy(request, rest[1], rest[2], rest[3])
         reviewed = _REVIEWS.get((group, version, rest[0]))
         if reviewed is not None and len(rest) == 1:
             request[VERB], request[RESOURCE] = "create", reviewed.plural
@@ -1567,6 +1572,43 @@ class APIServer:
             except aiohttp.ClientError as err:
                 raise APIStatus(500, "InternalError", f'Get "{url}": {err}') from None
             return await _relay_to(request, agent, protocol)
+
+    async def _proxy(self, request: web.Request, namespace: str, plural: str, target_text: str) -> web.StreamResponse:
+        """pods/proxy and services/proxy (netplane.apiproxy): the request relayed from here to a pod's
+        address, the answer streamed back."""
+        request[VERB], request[RESOURCE] = request.method.lower(), f"{plural}/proxy"
+        try:
+            target = apiproxy.parse_target(target_text)
+            if plural == "pods":
+                address = apiproxy.pod_address(await self.registry.get(kinds.by_kind("Pod"), namespace, target.name),
+                                               target.port)
+            else:
+                service = await self.registry.get(kinds.by_kind("Service"), namespace, target.name)
+                slices, _ = await self.registry.list(kinds.by_kind("EndpointSlice"), namespace,
+                                                     lambda s: (s["metadata"].get("labels") or {}).get(
+                                                         "kubernetes.io/service-name") == target.name)
+                address = apiproxy.pick(apiproxy.service_addresses(service, slices, target.port))
+        except apiproxy.ProxyError as err:
+            raise APIStatus(err.status, err.reason, err.message) from None
+        tail = "/" + "/".join(request.rel_url.raw_path.split("/")[8:])   # after /api/v1/namespaces/NS/KIND/NAME/proxy
+        url = apiproxy.upstream_url(target.scheme, address, tail, request.query_string)
+        body = await request.read()
+        response = None
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=60)
+        try:   # a pod's certificate is not checked (as the kube-apiserver's proxy does not)
+            async with aiohttp.ClientSession(timeout=timeout, auto_decompress=False) as session, \
+                    session.request(request.method, url, headers=apiproxy.passed_headers(request.headers),
+                                    data=body or None, allow_redirects=False, ssl=False) as upstream:
+                response = web.StreamResponse(status=upstream.status, headers=apiproxy.passed_headers(upstream.headers))
+                await response.prepare(request)
+                async for chunk in upstream.content.iter_any():
+                    await response.write(chunk)
+                await response.write_eof()
+                return response
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as err:
+            if response is not None and response.prepared:   # the pod went away mid-answer
+                return response
+            raise APIStatus(503, "ServiceUnavailable", apiproxy.unreachable(address, err)) from None
 
     async def _pod_port_forward(self, request: web.Request, namespace: str, name: str) -> web.StreamResponse:
         """pods/portforward: the client's WebSocket (SPDY/3.1 inside, netplane.portforward) relayed to the
