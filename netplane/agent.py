@@ -291,6 +291,11 @@ class ContainerRecord:
         return self.last_terminated is not None or self.state != "waiting"
 
 
+def container_record(worker, name: str) -> ContainerRecord | None:
+    """A pod's container by name: one of its spec's, or an ephemeral one (kubectl debug's)."""
+    return next((c for c in [*worker.containers, *worker.ephemeral.values()] if c.name == name), None)
+
+
 def pod_phase(sandbox_ready: bool, containers: list[ContainerRecord]) -> str:
     """Kubernetes' phase rule, for containers that are processes."""
     if not sandbox_ready or not containers:
@@ -324,7 +329,8 @@ class SandboxState:
 
 
 def pod_status(sandbox: SandboxState, containers: list[ContainerRecord], host_ip: str,
-               start_time: str, conditions: dict[str, tuple[str, str]]) -> dict:
+               start_time: str, conditions: dict[str, tuple[str, str]],
+               ephemeral: list[ContainerRecord] = ()) -> dict:
     status = {
         "phase": pod_phase(sandbox.ready, containers),
         "conditions": [{"type": t, "status": s, "lastProbeTime": None, "lastTransitionTime": at}
@@ -334,6 +340,8 @@ def pod_status(sandbox: SandboxState, containers: list[ContainerRecord], host_ip
         "containerStatuses": [c.status() for c in containers],
         "qosClass": "BestEffort",
     }
+    if ephemeral:   # kubectl debug's: they count for neither the phase nor readiness
+        status["ephemeralContainerStatuses"] = [c.status() for c in ephemeral]
     if sandbox.pod_ip:
         status["podIP"], status["podIPs"] = sandbox.pod_ip, [{"ip": sandbox.pod_ip}]
     if sandbox.message:
@@ -378,6 +386,8 @@ class PodWorker:
         self.conditions: dict[str, tuple[str, str]] = {}
         self.processes: dict[str, runtime.ContainerProcess] = {}
         self.terminals: dict[str, podexec.Terminal] = {}   # containers with stdin and tty
+        self.ephemeral: dict[str, ContainerRecord] = {}    # kubectl debug's containers, run once each
+        self._ephemeral_tasks: list[asyncio.Task] = []
         self.changed = asyncio.Event()
         self.last_status: dict | None = None
         self.task: asyncio.Task | None = None
@@ -393,6 +403,29 @@ class PodWorker:
 
     def start(self) -> None:
         self.task = asyncio.create_task(self._run(), name=f"pod-{self.label}")
+        self.sync_ephemeral()
+
+    def sync_ephemeral(self) -> None:
+        """Start each ephemeral container the pod's spec has gained (kubectl debug adds them to a
+        running pod through pods/ephemeralcontainers): once, in the pod's namespace, never restarted."""
+        for spec in (self.pod.get("spec") or {}).get("ephemeralContainers") or []:
+            name = spec.get("name") if isinstance(spec, dict) else None
+            if name and name not in self.ephemeral:
+                record = self.ephemeral[name] = ContainerRecord(name, spec.get("image") or "")
+                self._ephemeral_tasks.append(asyncio.create_task(self._run_ephemeral(spec, record)))
+                self.mark_changed()
+
+    async def _run_ephemeral(self, spec: dict, record: ContainerRecord) -> None:
+        while not self.sandbox.ready:   # added to a pod still starting: wait for its network
+            await asyncio.sleep(0.1)
+        plan = self._plan(spec, record)
+        if plan is None:
+            return
+        try:
+            await self._run_once(record, *plan, terminal=bool(spec.get("stdin") and spec.get("tty")))
+        except OSError as err:
+            record.set_waiting("RunContainerError", f"cannot start: {err}")
+            self.mark_changed()
 
     def mark_changed(self) -> None:
         self.changed.set()
@@ -421,9 +454,10 @@ class PodWorker:
 
     async def stop(self, teardown: bool) -> None:
         """Stop supervising. With teardown (pod deleted): stop processes, CNI DEL, remove the netns."""
-        if self.task:
-            self.task.cancel()
-            await asyncio.gather(self.task, return_exceptions=True)
+        for task in [self.task, *self._ephemeral_tasks]:
+            if task:
+                task.cancel()
+        await asyncio.gather(*(t for t in [self.task, *self._ephemeral_tasks] if t), return_exceptions=True)
         if not teardown:
             return  # agent shutdown: the pod keeps running, as containers outlive a kubelet
         if self._sandbox_job is not None:
@@ -589,7 +623,7 @@ class PodWorker:
         self.conditions = next_conditions(self.conditions, wanted_conditions(self.sandbox, self.containers),
                                           now_rfc3339())
         return pod_status(self.sandbox, self.containers, self.agent.config.node_ip, self.start_time,
-                          self.conditions)
+                          self.conditions, list(self.ephemeral.values()))
 
     async def _report_loop(self) -> None:
         from netplane.client import APIError
@@ -748,7 +782,7 @@ class Agent:
     def _started_container(self, namespace: str, name: str, container: str) -> tuple[PodWorker, ContainerRecord]:
         """A container of a pod on this node that has started at least once; podlogs.LogError."""
         worker = self._worker(namespace, name)
-        record = next((c for c in worker.containers if c.name == container), None)
+        record = container_record(worker, container)
         if record is None:
             raise podlogs.LogError(400, f'container "{container}" in pod "{name}" is not valid')
         if not record.has_run:
@@ -987,6 +1021,7 @@ class Agent:
             worker = self.workers.get(uid)
             if worker is not None:
                 worker.pod = pod
+                worker.sync_ephemeral()
             elif uid not in self.terminating and not pod_is_terminal(pod):
                 worker = self.workers[uid] = PodWorker(self, pod)
                 worker.start()
@@ -1076,7 +1111,7 @@ def add_pod_routes(app, agent_or_none) -> None:
 
     async def attach_session(ws, container: str, protocol: str, wanted, target) -> None:
         worker, process, terminal = target
-        record = next(c for c in worker.containers if c.name == container)
+        record = container_record(worker, container)
         log_fields(log, logging.INFO, "attach", pod=worker.label, container=container, terminal=terminal is not None)
         await podexec.attach(ws, terminal, str(worker.dir / f"{container}.log"), lambda: record.state == "running",
                              asyncio.ensure_future(process.wait()), (container,))

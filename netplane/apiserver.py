@@ -528,7 +528,14 @@ def _merge_server_fields(kind: Kind, current: dict, wanted: dict, subresource: s
         new = copy.deepcopy(current)
         new["status"] = copy.deepcopy(wanted.get("status") or {})
         return new
+    if subresource == "ephemeralcontainers":   # kubectl debug: only the ephemeral containers change
+        new = copy.deepcopy(current)
+        new.setdefault("spec", {})["ephemeralContainers"] = copy.deepcopy((wanted.get("spec") or {}).get(
+            "ephemeralContainers") or [])
+        return new
     new = copy.deepcopy(wanted)
+    if kind.kind == "Pod" and (current.get("spec") or {}).get("ephemeralContainers"):
+        new.setdefault("spec", {})["ephemeralContainers"] = copy.deepcopy(current["spec"]["ephemeralContainers"])
     meta = new.setdefault("metadata", {})
     for field in ("uid", "creationTimestamp", "generation", "deletionTimestamp", "namespace", "name"):
         if field in current["metadata"]:
@@ -955,6 +962,7 @@ def _subresources(kind: Kind) -> list[tuple[str, str, str, str, list[str]]]:
         subs.append(("exec", "", "v1", "PodExecOptions", ["create", "get"]))
         subs.append(("attach", "", "v1", "PodAttachOptions", ["create", "get"]))
         subs.append(("portforward", "", "v1", "PodPortForwardOptions", ["create", "get"]))
+        subs.append(("ephemeralcontainers", "", "v1", "Pod", ["get", "patch", "update"]))
     if kind.kind in ("Pod", "Service"):
         subs.append(("proxy", "", "v1", f"{kind.kind}ProxyOptions", ["create", "delete", "get", "patch", "update"]))
     return subs
@@ -1501,6 +1509,16 @@ class APIServer:
         elif sub in ("exec", "attach") and kind.kind == "Pod":
             if method in ("GET", "POST"):
                 return await self._pod_stream(request, ns, name, sub)
+        elif sub == "ephemeralcontainers" and kind.kind == "Pod":
+            if method == "GET":
+                return _json(await self.registry.get(kind, ns, name))
+            if method == "PUT":
+                return _json(await self.registry.update(kind, ns, name, await _read_body(request), sub,
+                                                        _dry_run(request)))
+            if method == "PATCH":
+                obj, _ = await self.registry.patch(kind, ns, name, request.content_type,
+                                                   await _read_body(request), sub, _dry_run(request))
+                return _json(obj)
         elif sub == "portforward" and kind.kind == "Pod":
             if method in ("GET", "POST"):
                 return await self._pod_port_forward(request, ns, name)

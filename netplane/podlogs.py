@@ -79,9 +79,11 @@ def _count(query, name: str, minimum: int = 0) -> int | None:
 def container_of(pod: dict, wanted: str | None) -> str:
     """The container a log request is for: `wanted`, or the pod's only one (Kubernetes' errors)."""
     name = (pod.get("metadata") or {}).get("name", "")
-    names = [c.get("name") for c in (pod.get("spec") or {}).get("containers") or [] if isinstance(c, dict)]
+    spec = pod.get("spec") or {}
+    names = [c.get("name") for c in spec.get("containers") or [] if isinstance(c, dict)]
+    ephemeral = [c.get("name") for c in spec.get("ephemeralContainers") or [] if isinstance(c, dict)]
     if wanted:
-        if wanted not in names:
+        if wanted not in names + ephemeral:   # kubectl debug attaches to its ephemeral container by name
             raise LogError(400, f'container "{wanted}" in pod "{name}" is not valid')
         return wanted
     if len(names) != 1:

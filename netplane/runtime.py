@@ -88,6 +88,10 @@ def expand(text: str, env: dict[str, str]) -> str:
     return _VAR_REF.sub(replace, text)
 
 
+# Images whose default command is a shell, which `kubectl debug` and `kubectl run -it` users name without one.
+SHELL_IMAGES = frozenset({"busybox", "alpine", "debian", "ubuntu", "nicolaka/netshoot"})
+
+
 def container_argv(container: dict, env: dict[str, str], entry: list[str] | None = None) -> list[str]:
     """The program and arguments of a container (k8s: command replaces, args append)."""
     image = container.get("image") or ""
@@ -100,6 +104,10 @@ def container_argv(container: dict, env: dict[str, str], entry: list[str] | None
             # An image we do not run has no entrypoint here: its args are the command, as they are
             # for images without an ENTRYPOINT (busybox, alpine, debian: `kubectl run -it x --image=busybox -- sh`).
             return [expand(part, env) for part in args]
+        if sub is None and repo.removeprefix("library/") in SHELL_IMAGES:
+            # Nothing to run but the image's own default, a shell (`kubectl debug -it pod --image=busybox`):
+            # this machine's.
+            return ["sh"]
         if sub is None:
             raise ImageNotRunnable(
                 f"image {image!r} cannot run here: netplane runs only its built-in images "

@@ -360,10 +360,21 @@ def _validate_pod_spec(spec: dict, path: str, errors: list) -> None:
     for index, container in enumerate(containers):
         if isinstance(container, dict):
             _validate_container(container, f"{path}.containers[{index}]", names, errors)
+    for index, container in enumerate(_list(spec.get("ephemeralContainers"), f"{path}.ephemeralContainers", errors,
+                                            need=False)):
+        if isinstance(container, dict):
+            where = f"{path}.ephemeralContainers[{index}]"
+            _validate_container(container, where, names, errors)
+            for field in EPHEMERAL_FORBIDDEN:   # kubectl debug's containers join a running pod: no ports, no probes
+                if container.get(field):
+                    errors.append((f"{where}.{field}", "Forbidden: cannot be set for an Ephemeral Container"))
     policy = spec.get("restartPolicy", "Always")
     if policy not in RESTART_POLICIES:
         errors.append((f"{path}.restartPolicy", unsupported(policy, RESTART_POLICIES)))
     _validate_dns(spec, path, errors)
+
+
+EPHEMERAL_FORBIDDEN = ("ports", "livenessProbe", "readinessProbe", "startupProbe", "lifecycle")
 
 
 def _validate_dns(spec: dict, path: str, errors: list) -> None:
@@ -669,6 +680,13 @@ def validate_update(old: dict, new: dict) -> list[FieldError]:
         old_node, new_node = old_spec.get("nodeName"), new_spec.get("nodeName")
         if old_node and new_node != old_node:
             errors.append(("spec.nodeName", invalid(new_node, "field is immutable once set")))
+        now = {c.get("name"): c for c in new_spec.get("ephemeralContainers") or [] if isinstance(c, dict)}
+        for before in old_spec.get("ephemeralContainers") or []:
+            name = before.get("name")
+            if now.get(name) != before:
+                what = "removed" if name not in now else "changed"
+                errors.append(("spec.ephemeralContainers", f'Forbidden: existing ephemeral containers "{name}" '
+                                                           f"may not be {what}"))
     if kind == "EndpointSlice" and old.get("addressType") != new.get("addressType"):
         errors.append(("addressType", invalid(new.get("addressType"), "field is immutable")))
     if kind == "Node":

@@ -368,3 +368,31 @@ def test_agent_runs_many_pods_at_once_with_distinct_ips(cluster):
     wait_for(lambda: not any(netns.exists(podnet.netns_name(p["metadata"]["uid"])) for p in pods),
              timeout=30, what="every pod netns removed")
     assert not list((c.state / "ipam").rglob("10.251.1.*"))  # every address released
+
+
+@needs_control_plane
+def test_an_ephemeral_container_runs_once_in_the_pods_namespace(cluster):
+    """What `kubectl debug pod --image=busybox -- CMD` does: the container joins the running pod."""
+    c = cluster
+    wait_for(lambda: c.get("/api/v1/nodes/worker-1"), what="the Node")
+    c.api("PATCH", "/api/v1/nodes/worker-1", {"spec": {"podCIDR": POD_CIDR}}, merge=True)
+    uid = c.create_pod("web", [{"name": "echo", "image": "netplane/echo", "ports": [{"containerPort": 8080}]}])["metadata"]["uid"]
+    pod = wait_for(lambda: ready(p := c.pod("web")) and p, what="web Ready")
+    debug = {"name": "dbg", "image": "busybox", "stdin": False, "tty": False,
+             "command": ["sh", "-c", "curl -s localhost:8080/ | head -1; ip -4 -o addr show eth0"]}
+    patched = c.api("PATCH", "/api/v1/namespaces/default/pods/web/ephemeralcontainers",
+                    {"spec": {"ephemeralContainers": [debug]}}, merge=True)
+    assert [e["name"] for e in patched["spec"]["ephemeralContainers"]] == ["dbg"]
+
+    def finished() -> dict:
+        statuses = c.pod("web").get("status", {}).get("ephemeralContainerStatuses") or []
+        return statuses and "terminated" in statuses[0]["state"] and statuses[0]
+    status = wait_for(finished, what="the ephemeral container to finish")
+    assert status["state"]["terminated"]["exitCode"] == 0 and status["restartCount"] == 0
+    output = (c.state / "pods" / f"default_web_{uid}" / "dbg.log").read_text()
+    assert "pod: web" in output and pod["status"]["podIP"] in output   # the pod's localhost, the pod's eth0
+    after = c.pod("web")
+    assert ready(after) and after["status"]["containerStatuses"][0]["restartCount"] == 0   # the pod went on
+    removed = c.api("PATCH", "/api/v1/namespaces/default/pods/web/ephemeralcontainers",
+                    {"spec": {"ephemeralContainers": []}}, merge=True)
+    assert removed["code"] == 422 and 'existing ephemeral containers "dbg" may not be removed' in removed["message"]

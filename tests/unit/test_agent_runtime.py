@@ -163,4 +163,9 @@ def test_args_alone_are_the_command_for_an_image_we_do_not_run():
     assert runtime.container_argv({"image": "busybox", "args": ["sh", "-c", "echo $(X)"]}, {"X": "1"}) == \
         ["sh", "-c", "echo 1"]
     with pytest.raises(runtime.ImageNotRunnable, match="command: or args:"):
-        runtime.container_argv({"image": "busybox"}, {})
+        runtime.container_argv({"image": "example.com/app:1"}, {})
+
+
+def test_a_shell_image_with_nothing_to_run_runs_its_shell():   # kubectl debug -it pod --image=busybox
+    for image in ("busybox", "busybox:1.36", "docker.io/library/alpine", "nicolaka/netshoot"):
+        assert runtime.container_argv({"image": image}, {}) == ["sh"]

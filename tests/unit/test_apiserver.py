@@ -222,6 +222,35 @@ def test_status_subresource_writes_only_status_and_main_writes_keep_it(api):
     run(with_client(api, scenario))
 
 
+def test_ephemeral_containers_are_added_through_their_subresource_only(api):
+    debug = {"name": "debugger-x", "image": "busybox", "stdin": True, "tty": True}
+    path = "/api/v1/namespaces/default/pods/p/ephemeralcontainers"
+
+    async def scenario(client):
+        await client.create(pod("p"))
+        added = await raw(api, "PATCH", path, {"spec": {"ephemeralContainers": [debug]}},   # as kubectl debug sends it
+                          content_type="application/strategic-merge-patch+json")
+        current = await client.get("Pod", "p", "default")
+        dropped = await client.update({**current, "spec": {**current["spec"], "ephemeralContainers": []}})
+        removed = await raw(api, "PATCH", path, {"spec": {"ephemeralContainers": None}},
+                            content_type="application/merge-patch+json")
+        with_ports = await raw(api, "PATCH", path, {"spec": {"ephemeralContainers": [
+            debug, {"name": "two", "image": "busybox", "ports": [{"containerPort": 1}]}]}},
+            content_type="application/merge-patch+json")
+        clash = await raw(api, "PATCH", path, {"spec": {"ephemeralContainers": [debug, {"name": "c", "image": "b"}]}},
+                          content_type="application/merge-patch+json")
+        got = await raw(api, "GET", path)
+        return added, dropped, removed, with_ports, clash, got
+    added, dropped, removed, with_ports, clash, got = run(with_client(api, scenario))
+    assert added[0] == 200 and added[2]["spec"]["ephemeralContainers"] == [debug]
+    assert added[2]["spec"]["containers"][0]["name"] == "c"                     # the rest of the pod as it was
+    assert dropped["spec"]["ephemeralContainers"] == [debug]                   # a main write cannot touch them
+    assert removed[0] == 422 and 'existing ephemeral containers "debugger-x" may not be removed' in removed[2]["message"]
+    assert with_ports[0] == 422 and "spec.ephemeralContainers[1].ports" in with_ports[2]["message"]
+    assert clash[0] == 422 and "spec.ephemeralContainers[1].name" in clash[2]["message"]   # a container's name
+    assert got[0] == 200 and got[2]["kind"] == "Pod"
+
+
 def test_binding_sets_node_name_once(api):
     async def scenario(client):
         await client.create(pod("p"))

@@ -77,7 +77,8 @@ def fake_agent(tmp_path, state="running"):
     record = ContainerRecord("app", "netplane/echo")
     if state == "running":
         record.set_running("2026-12-01T00:00:00Z")
-    worker = SimpleNamespace(ref=SimpleNamespace(namespace="default", name="p"), containers=[record], dir=tmp_path)
+    worker = SimpleNamespace(ref=SimpleNamespace(namespace="default", name="p"), containers=[record], dir=tmp_path,
+                             ephemeral={})
     fake = SimpleNamespace(workers={"uid": worker}, config=SimpleNamespace(node_name="n1"), record=record,
                            log_rotations={})
     for method in ("_worker", "_started_container", "log_file", "exec_target", "attach_target", "port_forward_target"):
