@@ -251,6 +251,98 @@ def random_suffix() -> str:
 
 
 # --------------------------------------------------------------------------------------------
+# DaemonSets: one pod on every node the template fits (its nodeSelector, the taints it tolerates),
+# placed by the controller itself (spec.nodeName), replaced node by node when the template changes.
+
+REVISION_LABEL = "controller-revision-hash"
+# What the DaemonSet controller adds to its pods, as Kubernetes does: a node agent runs through these.
+DAEMON_TOLERATIONS = [
+    {"key": "node.kubernetes.io/not-ready", "operator": "Exists", "effect": "NoExecute"},
+    {"key": "node.kubernetes.io/unreachable", "operator": "Exists", "effect": "NoExecute"},
+    {"key": "node.kubernetes.io/disk-pressure", "operator": "Exists", "effect": "NoSchedule"},
+    {"key": "node.kubernetes.io/memory-pressure", "operator": "Exists", "effect": "NoSchedule"},
+    {"key": "node.kubernetes.io/pid-pressure", "operator": "Exists", "effect": "NoSchedule"},
+    {"key": "node.kubernetes.io/unschedulable", "operator": "Exists", "effect": "NoSchedule"},
+]
+
+
+def daemon_pod(ds: dict, node_name: str, suffix: str) -> dict:
+    pod = new_pod(ds, suffix)
+    pod["metadata"]["labels"][REVISION_LABEL] = short_hash(zero_values_dropped(ds["spec"]["template"]))
+    spec = pod["spec"]
+    spec["nodeName"] = node_name
+    own = spec.get("tolerations") or []
+    spec["tolerations"] = own + [t for t in DAEMON_TOLERATIONS if t not in own]
+    return pod
+
+
+def daemon_nodes(ds: dict, nodes: list[dict]) -> list[str]:
+    """The nodes a DaemonSet's pods belong on."""
+    from netplane.scheduler import blocking_taints
+    probe = daemon_pod(ds, "", "probe")
+    selector = probe["spec"].get("nodeSelector") or {}
+    return sorted(n["metadata"]["name"] for n in nodes   # a nodeSelector: every label it names, as given
+                  if all(labels_of(n).get(k) == v for k, v in selector.items()) and not blocking_taints(n, probe))
+
+
+def _max_unavailable(ds: dict, desired: int) -> int:
+    value = (((ds["spec"].get("updateStrategy") or {}).get("rollingUpdate") or {}).get("maxUnavailable", 1))
+    if isinstance(value, str) and value.endswith("%") and value[:-1].isdigit():
+        return max(1, -(-desired * int(value[:-1]) // 100))
+    return max(1, value) if isinstance(value, int) and not isinstance(value, bool) else 1
+
+
+def reconcile_daemonset(ds: dict, nodes: list[dict], pods: list[dict], new_suffix=None) -> list[Action]:
+    if is_terminating(ds):
+        return []
+    new_suffix = new_suffix or random_suffix
+    revision = short_hash(zero_values_dropped(ds["spec"]["template"]))
+    wanted = daemon_nodes(ds, nodes)
+    owned = [p for p in pods if controlled_by(p, ds) and not is_terminating(p)]
+    by_node: dict[str, list[dict]] = {}
+    for pod in sorted(owned, key=lambda p: (labels_of(p).get(REVISION_LABEL) != revision, not pod_is_ready(p),
+                                            p["metadata"]["name"])):
+        by_node.setdefault(pod["spec"].get("nodeName") or "", []).append(pod)
+    actions: list[Action] = []
+
+    def remove(pod: dict, why: str) -> None:
+        actions.append(told(delete("Pod", pod), ds, "SuccessfulDelete", f"Deleted pod: {pod['metadata']['name']} ({why})"))
+
+    placed = {}
+    for node, node_pods in sorted(by_node.items()):
+        if node not in wanted:
+            for pod in node_pods:
+                remove(pod, f"node {node or '<none>'} is not one of the DaemonSet's")
+            continue
+        keep, *extra = node_pods
+        for pod in extra:
+            remove(pod, f"one pod per node: {node} has {keep['metadata']['name']}")
+        if keep.get("status", {}).get("phase") in ("Succeeded", "Failed"):
+            remove(keep, "it stopped: a daemon runs again")
+        else:
+            placed[node] = keep
+    for node in wanted:
+        if node not in placed:
+            pod = daemon_pod(ds, node, new_suffix())
+            actions.append(told(create(pod), ds, "SuccessfulCreate", f"Created pod: {pod['metadata']['name']}"))
+    strategy = (ds["spec"].get("updateStrategy") or {}).get("type") or "RollingUpdate"
+    ready = [n for n in wanted if n in placed and pod_is_ready(placed[n])]
+    if strategy == "RollingUpdate":   # replace old pods while no more than maxUnavailable nodes lack a ready one
+        budget = _max_unavailable(ds, len(wanted)) - (len(wanted) - len(ready))
+        old = [placed[n] for n in wanted if n in placed and labels_of(placed[n]).get(REVISION_LABEL) != revision]
+        for pod in sorted(old, key=lambda p: pod_is_ready(p))[:max(0, budget)]:
+            remove(pod, "its template changed")
+    status = {"desiredNumberScheduled": len(wanted), "currentNumberScheduled": len(placed),
+              "numberMisscheduled": sum(len(p) for n, p in by_node.items() if n not in wanted),
+              "numberReady": len(ready), "numberAvailable": len(ready), "numberUnavailable": len(wanted) - len(ready),
+              "updatedNumberScheduled": sum(1 for p in placed.values() if labels_of(p).get(REVISION_LABEL) == revision),
+              "observedGeneration": ds["metadata"].get("generation", 1)}
+    if _differs(ds.get("status") or {}, status):
+        actions.append(patch("DaemonSet", ds, {"status": status}, "status"))
+    return actions
+
+
+# --------------------------------------------------------------------------------------------
 # EndpointSlices
 
 
@@ -462,6 +554,19 @@ def reconcile_mirrored_slices(services: list[dict], endpoints: list[dict], slice
 
 
 # --------------------------------------------------------------------------------------------
+# ServiceAccounts: every namespace has its "default" one (pods name it when they name none). They
+# carry no tokens here: this API server authenticates no one.
+
+
+def default_service_accounts(namespaces: list[dict], accounts: list[dict]) -> list[Action]:
+    have = {key_of(a) for a in accounts}
+    return [create({"apiVersion": "v1", "kind": "ServiceAccount",
+                    "metadata": {"name": "default", "namespace": ns["metadata"]["name"]}})
+            for ns in sorted(namespaces, key=lambda n: n["metadata"]["name"])
+            if (ns["metadata"]["name"], "default") not in have and not is_terminating(ns)]
+
+
+# --------------------------------------------------------------------------------------------
 # Nodes: pod CIDRs and heartbeats
 
 
@@ -515,7 +620,8 @@ def _parse_time(value: str | None) -> float | None:
 # Garbage collection
 
 
-def orphans(objects: dict[str, list[dict]], owner_kinds=("Deployment", "ReplicaSet", "Service")) -> list[Action]:
+def orphans(objects: dict[str, list[dict]],
+            owner_kinds=("Deployment", "ReplicaSet", "DaemonSet", "Service")) -> list[Action]:
     """Objects whose every owner reference points at an owner that no longer exists."""
     alive = {o["metadata"].get("uid") for kind in owner_kinds for o in objects.get(kind, [])}
     actions = []
@@ -550,9 +656,13 @@ def desired_actions(objects: dict[str, list[dict]], settings: Settings, now: flo
     for rs in objects["ReplicaSet"]:
         if rs["metadata"].get("uid") not in unsettled:
             actions += reconcile_replicaset(rs, objects["Pod"])
+    for ds in objects.get("DaemonSet", []):
+        if ds["metadata"].get("uid") not in unsettled:
+            actions += reconcile_daemonset(ds, objects["Node"], objects["Pod"])
     actions += reconcile_endpoint_slices(objects["Service"], objects["Pod"], objects["EndpointSlice"])
     actions += reconcile_endpoints(objects["Service"], objects["Pod"], objects.get("Endpoints", []))
     actions += reconcile_mirrored_slices(objects["Service"], objects.get("Endpoints", []), objects["EndpointSlice"])
+    actions += default_service_accounts(objects.get("Namespace", []), objects.get("ServiceAccount", []))
     actions += allocate_pod_cidrs(objects["Node"], settings.cluster_cidr, settings.node_cidr_mask, assigned_cidrs)
     actions += stale_nodes(objects["Node"], now)
     actions += orphans(objects)
@@ -583,7 +693,8 @@ class Expectations:
         return False
 
 
-KINDS = ("Deployment", "ReplicaSet", "Pod", "Service", "EndpointSlice", "Endpoints", "Node")
+KINDS = ("Deployment", "ReplicaSet", "DaemonSet", "Pod", "Service", "EndpointSlice", "Endpoints", "Node",
+         "Namespace", "ServiceAccount")
 
 
 class ControllerManager:
@@ -600,22 +711,22 @@ class ControllerManager:
     def snapshot(self) -> dict[str, list[dict]]:
         return {kind: self.view.list(kind) for kind in KINDS}
 
-    def unsettled_replicasets(self, objects: dict[str, list[dict]], now: float) -> frozenset:
-        """Uids of ReplicaSets whose earlier pod creations/deletions are not visible yet."""
+    def unsettled_owners(self, objects: dict[str, list[dict]], now: float) -> frozenset:
+        """Uids of ReplicaSets and DaemonSets whose earlier pod creations/deletions are not visible yet."""
         pods_by_owner: dict[str, set] = {}
         for pod in objects["Pod"]:
             for ref in pod["metadata"].get("ownerReferences") or []:
                 pods_by_owner.setdefault(ref.get("uid"), set()).add(pod["metadata"]["name"])
-        return frozenset(rs["metadata"]["uid"] for rs in objects["ReplicaSet"]
-                         if not self.expectations.satisfied(rs["metadata"]["uid"],
-                                                            pods_by_owner.get(rs["metadata"]["uid"], set()), now))
+        return frozenset(owner["metadata"]["uid"] for owner in [*objects["ReplicaSet"], *objects["DaemonSet"]]
+                         if not self.expectations.satisfied(owner["metadata"]["uid"],
+                                                            pods_by_owner.get(owner["metadata"]["uid"], set()), now))
 
     async def sync(self) -> None:
         if not self.view.is_synced():
             return
         now = time.time()
         objects = self.snapshot()
-        actions = desired_actions(objects, self.settings, now, self.unsettled_replicasets(objects, now),
+        actions = desired_actions(objects, self.settings, now, self.unsettled_owners(objects, now),
                                   self.unseen_cidrs(objects["Node"], now))
         self.record_expectations(actions, objects, now)
         for action in actions:

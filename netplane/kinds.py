@@ -51,11 +51,13 @@ KINDS: tuple[Kind, ...] = (
     Kind("Service", "", "v1", "services", True, ("svc",)),
     Kind("Secret", "", "v1", "secrets", True, ()),
     Kind("ConfigMap", "", "v1", "configmaps", True, ("cm",)),
+    Kind("ServiceAccount", "", "v1", "serviceaccounts", True, ("sa",)),
     Kind("Event", "", "v1", "events", True, ("ev",)),
     Kind("Endpoints", "", "v1", "endpoints", True, ("ep",)),
     Kind("EndpointSlice", "discovery.k8s.io", "v1", "endpointslices", True, ()),
     Kind("Deployment", "apps", "v1", "deployments", True, ("deploy",)),
     Kind("ReplicaSet", "apps", "v1", "replicasets", True, ("rs",)),
+    Kind("DaemonSet", "apps", "v1", "daemonsets", True, ("ds",)),
     Kind("Ingress", "networking.k8s.io", "v1", "ingresses", True, ("ing",)),
     Kind("IngressClass", "networking.k8s.io", "v1", "ingressclasses", False, ()),
 )

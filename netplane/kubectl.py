@@ -560,6 +560,19 @@ COLUMNS: dict[str, list[Column]] = {
         ("IMAGES", lambda o, n: _join(c.get("image") for c in _template_containers(o)), True),
         ("SELECTOR", lambda o, n: _selector_text(((o.get("spec") or {}).get("selector") or {}).get("matchLabels")), True),
     ],
+    "DaemonSet": [
+        ("DESIRED", lambda o, n: str(_status(o, "desiredNumberScheduled")), False),
+        ("CURRENT", lambda o, n: str(_status(o, "currentNumberScheduled")), False),
+        ("READY", lambda o, n: str(_status(o, "numberReady")), False),
+        ("UP-TO-DATE", lambda o, n: str(_status(o, "updatedNumberScheduled")), False),
+        ("AVAILABLE", lambda o, n: str(_status(o, "numberAvailable")), False),
+        ("NODE SELECTOR", lambda o, n: _selector_text(((o.get("spec") or {}).get("template") or {}).get(
+            "spec", {}).get("nodeSelector")), False),
+        ("AGE", _age, False),
+        ("CONTAINERS", lambda o, n: _join(c.get("name") for c in _template_containers(o)), True),
+        ("IMAGES", lambda o, n: _join(c.get("image") for c in _template_containers(o)), True),
+        ("SELECTOR", lambda o, n: _selector_text(((o.get("spec") or {}).get("selector") or {}).get("matchLabels")), True),
+    ],
     "Node": [
         ("STATUS", lambda o, n: _node_status(o), False),
         ("ROLES", lambda o, n: _node_roles(o), False),
@@ -595,6 +608,10 @@ COLUMNS: dict[str, list[Column]] = {
     "Secret": [
         ("TYPE", lambda o, n: o.get("type", "Opaque"), False),
         ("DATA", lambda o, n: str(len(o.get("data") or {}) + len(o.get("stringData") or {})), False),
+        ("AGE", _age, False),
+    ],
+    "ServiceAccount": [
+        ("SECRETS", lambda o, n: str(len(o.get("secrets") or [])), False),
         ("AGE", _age, False),
     ],
     "ConfigMap": [

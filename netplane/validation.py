@@ -138,11 +138,23 @@ def _default_deployment(spec: dict) -> None:
     _default_template(spec)
 
 
+def _default_daemonset(spec: dict) -> None:
+    spec.setdefault("revisionHistoryLimit", 10)
+    strategy = spec.setdefault("updateStrategy", {})
+    if isinstance(strategy, dict):
+        strategy.setdefault("type", "RollingUpdate")
+        if strategy["type"] == "RollingUpdate" and isinstance(strategy.setdefault("rollingUpdate", {}), dict):
+            strategy["rollingUpdate"].setdefault("maxUnavailable", 1)
+            strategy["rollingUpdate"].setdefault("maxSurge", 0)
+    _default_template(spec)
+
+
 _DEFAULTERS: dict[str, Callable[[dict], None]] = {
     "Service": _default_service,
     "Pod": _default_pod_spec,
     "Deployment": _default_deployment,
     "ReplicaSet": _default_replicaset,
+    "DaemonSet": _default_daemonset,
 }
 
 
@@ -653,6 +665,7 @@ _VALIDATORS: dict[str, Callable[[dict, list], None]] = {
     "Pod": _validate_pod,
     "Deployment": _validate_workload,
     "ReplicaSet": _validate_workload,
+    "DaemonSet": _validate_workload,
     "Ingress": _validate_ingress,
     "EndpointSlice": _validate_endpointslice,
     "Endpoints": _validate_endpoints,
@@ -674,7 +687,7 @@ def validate_update(old: dict, new: dict) -> list[FieldError]:
         switching_to_external = new_spec.get("type") == "ExternalName"
         if old_ip and new_ip and old_ip != new_ip and not switching_to_external:
             errors.append(("spec.clusterIP", invalid(new_ip, "field is immutable")))
-    if kind in ("Deployment", "ReplicaSet") and old_spec.get("selector") != new_spec.get("selector"):
+    if kind in ("Deployment", "ReplicaSet", "DaemonSet") and old_spec.get("selector") != new_spec.get("selector"):
         errors.append(("spec.selector", invalid(new_spec.get("selector"), "field is immutable")))
     if kind == "Pod":
         old_node, new_node = old_spec.get("nodeName"), new_spec.get("nodeName")

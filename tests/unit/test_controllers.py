@@ -190,6 +190,94 @@ def test_a_users_endpoints_for_a_service_without_selector_become_endpoint_slices
     assert [a.verb for a in c.reconcile_mirrored_slices([external], [], have)] == ["delete", "delete"]
 
 
+def daemonset(image="netplane/echo:v1", node_selector=None, tolerations=None, max_unavailable=1):
+    template_spec = {"containers": [{"name": "agent", "image": image}]}
+    if node_selector:
+        template_spec["nodeSelector"] = node_selector
+    if tolerations:
+        template_spec["tolerations"] = tolerations
+    return {"apiVersion": "apps/v1", "kind": "DaemonSet",
+            "metadata": {"name": "agent", "namespace": "default", "uid": "ds-uid", "generation": 1},
+            "spec": {"selector": {"matchLabels": {"app": "agent"}},
+                     "updateStrategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": max_unavailable}},
+                     "template": {"metadata": {"labels": {"app": "agent"}}, "spec": template_spec}}}
+
+
+def node(name, labels=None, taints=None):
+    return {"metadata": {"name": name, "labels": labels or {}}, "spec": {"taints": taints or []}}
+
+
+CONTROL_PLANE_TAINT = {"key": "node-role.kubernetes.io/control-plane", "effect": "NoSchedule"}
+
+
+def test_a_daemonset_puts_one_pod_on_every_node_it_fits_and_none_elsewhere():
+    nodes = [node("cp", taints=[CONTROL_PLANE_TAINT]), node("w1", {"disk": "ssd"}),
+             node("w2", taints=[{"key": "node.kubernetes.io/unschedulable", "effect": "NoSchedule"}])]   # cordoned
+    names = iter(["a", "b", "c", "d"])
+    actions = c.reconcile_daemonset(daemonset(), nodes, [], new_suffix=lambda: next(names))
+    creates = [a.body for a in actions if a.verb == "create"]
+    assert [(p["metadata"]["name"], p["spec"]["nodeName"]) for p in creates] == [("agent-a", "w1"), ("agent-b", "w2")]
+    assert creates[0]["metadata"]["ownerReferences"][0]["kind"] == "DaemonSet"
+    assert c.REVISION_LABEL in creates[0]["metadata"]["labels"]
+    assert {"key": "node.kubernetes.io/not-ready", "operator": "Exists", "effect": "NoExecute"} in \
+        creates[0]["spec"]["tolerations"]
+    status = next(a.body["status"] for a in actions if a.subresource == "status")
+    assert (status["desiredNumberScheduled"], status["currentNumberScheduled"], status["numberReady"]) == (2, 0, 0)
+    tolerant = daemonset(tolerations=[{"key": "node-role.kubernetes.io/control-plane", "operator": "Exists"}])
+    assert c.daemon_nodes(tolerant, nodes) == ["cp", "w1", "w2"]
+    assert c.daemon_nodes(daemonset(node_selector={"disk": "ssd"}), nodes) == ["w1"]
+
+
+def daemon_pods(ds, placement, ready=True):
+    """Stored pods of `ds`: {pod name: node}."""
+    pods = []
+    for name, node_name in placement.items():
+        p = stored(c.daemon_pod(ds, node_name, name.rsplit("-", 1)[-1]), f"uid-{name}", phase="Running",
+                   conditions=[{"type": "Ready", "status": "True" if ready else "False"}])
+        pods.append(p)
+    return pods
+
+
+def test_a_daemonset_removes_strays_and_extras_and_replaces_a_stopped_pod():
+    ds, nodes = daemonset(), [node("w1"), node("w2")]
+    pods = daemon_pods(ds, {"agent-a": "w1", "agent-b": "w1", "agent-c": "gone"})
+    deleted = sorted(a.name for a in c.reconcile_daemonset(ds, nodes, pods, new_suffix=lambda: "n") if a.verb == "delete")
+    assert deleted == ["agent-b", "agent-c"]   # one per node; none on a node it does not belong on
+    stopped = daemon_pods(ds, {"agent-a": "w1", "agent-b": "w2"})
+    stopped[1]["status"]["phase"] = "Failed"
+    verbs = [(a.verb, a.name) for a in c.reconcile_daemonset(ds, nodes, stopped, new_suffix=lambda: "n") if a.kind == "Pod"]
+    assert verbs == [("delete", "agent-b"), ("create", "agent-n")]
+    steady = daemon_pods(ds, {"agent-a": "w1", "agent-b": "w2"})
+    settled = [a for a in c.reconcile_daemonset(ds, nodes, steady) if a.kind == "Pod"]
+    assert settled == []
+
+
+def test_a_template_change_rolls_node_by_node_within_max_unavailable():
+    old = daemonset(image="netplane/echo:v1")
+    new = daemonset(image="netplane/echo:v2")
+    nodes = [node("w1"), node("w2"), node("w3")]
+    pods = daemon_pods(old, {"agent-a": "w1", "agent-b": "w2", "agent-c": "w3"})
+    deletes = [a.name for a in c.reconcile_daemonset(new, nodes, pods) if a.verb == "delete"]
+    assert deletes == ["agent-a"]                       # maxUnavailable 1: one node at a time
+    pods_during = [p for p in pods if p["metadata"]["name"] != "agent-a"]
+    assert [a.verb for a in c.reconcile_daemonset(new, nodes, pods_during) if a.kind == "Pod"] == ["create"]   # no more
+    two = daemonset(image="netplane/echo:v2", max_unavailable="50%")
+    assert len([a for a in c.reconcile_daemonset(two, nodes, pods) if a.verb == "delete"]) == 2
+    on_delete = daemonset(image="netplane/echo:v2")
+    on_delete["spec"]["updateStrategy"] = {"type": "OnDelete"}
+    status = next(a.body["status"] for a in c.reconcile_daemonset(on_delete, nodes, pods) if a.subresource == "status")
+    assert status["updatedNumberScheduled"] == 0 and status["numberReady"] == 3
+
+
+def test_every_namespace_gets_its_default_service_account():
+    namespaces = [{"metadata": {"name": n}} for n in ("default", "team", "going")]
+    namespaces[2]["metadata"]["deletionTimestamp"] = "2026-12-01T00:00:00Z"
+    have = [{"metadata": {"name": "default", "namespace": "default"}}, {"metadata": {"name": "ci", "namespace": "team"}}]
+    [create] = c.default_service_accounts(namespaces, have)
+    assert (create.verb, create.kind, create.namespace, create.name) == ("create", "ServiceAccount", "team", "default")
+    assert c.default_service_accounts(namespaces, have + [create.body]) == []
+
+
 def test_pod_cidrs_are_allocated_once_and_skip_used_ones():
     nodes = [{"metadata": {"name": "a", "creationTimestamp": "1"}, "spec": {"podCIDR": "10.244.0.0/24"}},
              {"metadata": {"name": "b", "creationTimestamp": "2"}, "spec": {}},
