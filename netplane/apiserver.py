@@ -46,9 +46,9 @@ VERSION = {"major": "1", "minor": "31", "gitVersion": "v1.31.0-netplane", "gitCo
            "gitTreeState": "clean", "buildDate": "2025-01-01T00:00:00Z", "goVersion": "python3",
            "compiler": "cpython", "platform": "linux/amd64"}
 # Kinds whose status is written only through /status (a main-resource write keeps the old one).
-STATUS_SUBRESOURCE = {"Pod", "Service", "Node", "Namespace", "Deployment", "ReplicaSet", "DaemonSet", "Ingress"}
+STATUS_SUBRESOURCE = {"Pod", "Service", "Node", "Namespace", "Deployment", "ReplicaSet", "DaemonSet", "Job", "Ingress"}
 SCALE_SUBRESOURCE = {"Deployment", "ReplicaSet"}
-CATEGORY_ALL = {"Pod", "Service", "Deployment", "ReplicaSet", "DaemonSet"}
+CATEGORY_ALL = {"Pod", "Service", "Deployment", "ReplicaSet", "DaemonSet", "Job"}
 VERBS = ["create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"]
 BOOKMARK_INTERVAL = 30.0
 VERB = web.RequestKey("verb", str)          # for metrics and logs
@@ -659,6 +659,9 @@ class Registry:
         meta = obj["metadata"]
         if not meta.get("name") and meta.get("generateName"):
             meta["name"] = generated_name(meta["generateName"])
+        uid = str(uuid.uuid4())
+        if kind.kind == "Job":   # its selector names its uid, as Kubernetes generates it
+            obj = validation.job_selector_defaulted(obj, uid)
         obj = validation.default(obj)
         self._raise_invalid(kind, obj, validation.validate(obj))
         meta = obj["metadata"]
@@ -666,7 +669,7 @@ class Registry:
         for server_field in ("resourceVersion", "deletionTimestamp", "deletionGracePeriodSeconds",
                              "managedFields", "selfLink"):
             meta.pop(server_field, None)
-        meta.update(uid=str(uuid.uuid4()), creationTimestamp=now_rfc3339(), generation=1)
+        meta.update(uid=uid, creationTimestamp=now_rfc3339(), generation=1)
         obj = _reset_status_on_create(obj)
         key = storage_key(kind, meta.get("namespace"), meta["name"])
         if await self.store.get(key) is not None:  # before allocating: a duplicate is 409, not a clash

@@ -343,6 +343,89 @@ def reconcile_daemonset(ds: dict, nodes: list[dict], pods: list[dict], new_suffi
 
 
 # --------------------------------------------------------------------------------------------
+# Jobs: pods run to completion, `completions` of them succeeding (with `parallelism` at a time), or
+# the Job fails once more than `backoffLimit` have failed; finished Jobs go after
+# ttlSecondsAfterFinished.
+
+
+def _rfc3339(at: float) -> str:
+    return datetime.fromtimestamp(at, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _condition_true(obj: dict, kind: str) -> bool:
+    return any(c.get("type") == kind and c.get("status") == "True" for c in (obj.get("status") or {}).get("conditions") or [])
+
+
+def _finished(job: dict) -> bool:
+    return _condition_true(job, "Complete") or _condition_true(job, "Failed")
+
+
+JOB_BACKOFF_S, JOB_BACKOFF_MAX_S = 10.0, 360.0
+
+
+def _retry_after(pods: list[dict], failed: int) -> float:
+    """When a Job may make a pod again after its `failed` failures: 10 s after the last one, doubling
+    with each, at most 6 min (Kubernetes' pod failure backoff)."""
+    if not failed:
+        return 0.0
+    finished = [_parse_time((s.get("state") or {}).get("terminated", {}).get("finishedAt"))
+                for p in pods if (p.get("status") or {}).get("phase") == "Failed"
+                for s in (p.get("status") or {}).get("containerStatuses") or []]
+    last = max((t for t in finished if t is not None), default=None)
+    return 0.0 if last is None else last + min(JOB_BACKOFF_S * 2 ** (failed - 1), JOB_BACKOFF_MAX_S)
+
+
+def reconcile_job(job: dict, pods: list[dict], now: float, new_suffix=None) -> list[Action]:
+    if is_terminating(job):
+        return []
+    spec, have = job["spec"], job.get("status") or {}
+    if _finished(job):
+        ttl, done = spec.get("ttlSecondsAfterFinished"), _parse_time(have.get("completionTime"))
+        if ttl is not None and done is not None and now >= done + ttl:
+            return [delete("Job", job)]
+        return []
+    owned = [p for p in pods if controlled_by(p, job)]
+    phase = lambda p: (p.get("status") or {}).get("phase")
+    active = [p for p in owned if not is_terminating(p) and phase(p) not in ("Succeeded", "Failed")]
+    # Counted from the pods, never below what was counted before (a finished pod may be deleted).
+    succeeded = max(have.get("succeeded", 0), sum(1 for p in owned if phase(p) == "Succeeded"))
+    failed = max(have.get("failed", 0), sum(1 for p in owned if phase(p) == "Failed"))
+    completions, parallelism = spec.get("completions"), spec.get("parallelism", 1)
+    at = _rfc3339(now)
+    status = {"active": len(active), "succeeded": succeeded, "failed": failed,
+              "ready": sum(1 for p in active if pod_is_ready(p)), "startTime": have.get("startTime") or at}
+    actions: list[Action] = []
+    outcome = None
+    if failed > spec.get("backoffLimit", 6):
+        outcome = ("Failed", "Warning", "BackoffLimitExceeded", "Job has reached the specified backoff limit")
+    elif (succeeded >= completions) if completions is not None else (succeeded and not active):
+        outcome = ("Complete", "Normal", "Completed", "Job completed")
+    elif not spec.get("suspend"):
+        if completions is None:   # a work queue: once one pod succeeded, no new ones; the rest finish
+            wanted = min(len(active), parallelism) if succeeded else parallelism
+        else:
+            wanted = min(parallelism, completions - succeeded)
+        if now < _retry_after(owned, failed):
+            wanted = min(wanted, len(active))   # backing off after a failure: no new pod yet
+        for _ in range(wanted - len(active)):
+            pod = new_pod(job, (new_suffix or random_suffix)())
+            actions.append(told(create(pod), job, "SuccessfulCreate", f"Created pod: {pod['metadata']['name']}"))
+        actions += [delete("Pod", p) for p in sorted(active, key=scale_down_order)[:max(0, len(active) - wanted)]]
+    if outcome is not None:
+        kind, event_type, reason, message = outcome
+        actions += [delete("Pod", p) for p in active]   # what still runs stops with the Job
+        status.update(active=0, ready=0, conditions=[*(have.get("conditions") or []), {
+            "type": kind, "status": "True", "reason": reason, "message": message,
+            "lastProbeTime": at, "lastTransitionTime": at}])
+        if kind == "Complete":
+            status["completionTime"] = at
+        actions.append(replace(patch("Job", job, {"status": status}, "status"), event=(job, event_type, reason, message)))
+    elif _differs(have, status):
+        actions.append(patch("Job", job, {"status": status}, "status"))
+    return actions
+
+
+# --------------------------------------------------------------------------------------------
 # EndpointSlices
 
 
@@ -621,7 +704,7 @@ def _parse_time(value: str | None) -> float | None:
 
 
 def orphans(objects: dict[str, list[dict]],
-            owner_kinds=("Deployment", "ReplicaSet", "DaemonSet", "Service")) -> list[Action]:
+            owner_kinds=("Deployment", "ReplicaSet", "DaemonSet", "Job", "Service")) -> list[Action]:
     """Objects whose every owner reference points at an owner that no longer exists."""
     alive = {o["metadata"].get("uid") for kind in owner_kinds for o in objects.get(kind, [])}
     actions = []
@@ -659,6 +742,9 @@ def desired_actions(objects: dict[str, list[dict]], settings: Settings, now: flo
     for ds in objects.get("DaemonSet", []):
         if ds["metadata"].get("uid") not in unsettled:
             actions += reconcile_daemonset(ds, objects["Node"], objects["Pod"])
+    for job in objects.get("Job", []):
+        if job["metadata"].get("uid") not in unsettled:
+            actions += reconcile_job(job, objects["Pod"], now)
     actions += reconcile_endpoint_slices(objects["Service"], objects["Pod"], objects["EndpointSlice"])
     actions += reconcile_endpoints(objects["Service"], objects["Pod"], objects.get("Endpoints", []))
     actions += reconcile_mirrored_slices(objects["Service"], objects.get("Endpoints", []), objects["EndpointSlice"])
@@ -693,7 +779,7 @@ class Expectations:
         return False
 
 
-KINDS = ("Deployment", "ReplicaSet", "DaemonSet", "Pod", "Service", "EndpointSlice", "Endpoints", "Node",
+KINDS = ("Deployment", "ReplicaSet", "DaemonSet", "Job", "Pod", "Service", "EndpointSlice", "Endpoints", "Node",
          "Namespace", "ServiceAccount")
 
 
@@ -712,12 +798,12 @@ class ControllerManager:
         return {kind: self.view.list(kind) for kind in KINDS}
 
     def unsettled_owners(self, objects: dict[str, list[dict]], now: float) -> frozenset:
-        """Uids of ReplicaSets and DaemonSets whose earlier pod creations/deletions are not visible yet."""
+        """Uids of ReplicaSets, DaemonSets and Jobs whose earlier pod creations/deletions are not visible yet."""
         pods_by_owner: dict[str, set] = {}
         for pod in objects["Pod"]:
             for ref in pod["metadata"].get("ownerReferences") or []:
                 pods_by_owner.setdefault(ref.get("uid"), set()).add(pod["metadata"]["name"])
-        return frozenset(owner["metadata"]["uid"] for owner in [*objects["ReplicaSet"], *objects["DaemonSet"]]
+        return frozenset(owner["metadata"]["uid"] for owner in [*objects["ReplicaSet"], *objects["DaemonSet"], *objects["Job"]]
                          if not self.expectations.satisfied(owner["metadata"]["uid"],
                                                             pods_by_owner.get(owner["metadata"]["uid"], set()), now))
 

@@ -58,6 +58,7 @@ KINDS: tuple[Kind, ...] = (
     Kind("Deployment", "apps", "v1", "deployments", True, ("deploy",)),
     Kind("ReplicaSet", "apps", "v1", "replicasets", True, ("rs",)),
     Kind("DaemonSet", "apps", "v1", "daemonsets", True, ("ds",)),
+    Kind("Job", "batch", "v1", "jobs", True, ()),
     Kind("Ingress", "networking.k8s.io", "v1", "ingresses", True, ("ing",)),
     Kind("IngressClass", "networking.k8s.io", "v1", "ingressclasses", False, ()),
 )

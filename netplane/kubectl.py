@@ -497,6 +497,33 @@ def _endpoints_text(eps: dict) -> str:
     return f"{shown} + {len(pairs) - 3} more..." if len(pairs) > 3 else shown
 
 
+def _job_status(job: dict) -> str:
+    conditions = {c.get("type") for c in _status(job, "conditions", default=[]) if c.get("status") == "True"}
+    for kind in ("Complete", "Failed", "Suspended"):
+        if kind in conditions:
+            return kind
+    return "Suspended" if (job.get("spec") or {}).get("suspend") else "Running"
+
+
+def _job_completions(job: dict) -> str:
+    spec = job.get("spec") or {}
+    if spec.get("completions") is None:   # a work queue
+        return f"{_status(job, 'succeeded')}/1 of {spec.get('parallelism', 1)}"
+    return f"{_status(job, 'succeeded')}/{spec['completions']}"
+
+
+def _job_duration(job: dict, now: datetime) -> str:
+    start = _status(job, "startTime", default="")
+    if not start:
+        return ""
+    end = _status(job, "completionTime", default="")
+    try:
+        then = datetime.strptime(end, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc) if end else now
+    except ValueError:
+        then = now
+    return _since(start, then)
+
+
 def _ingress_address(ing: dict) -> str:
     ingress = ((ing.get("status") or {}).get("loadBalancer") or {}).get("ingress") or []
     return _join((i.get("ip") or i.get("hostname") for i in ingress), "")
@@ -568,6 +595,15 @@ COLUMNS: dict[str, list[Column]] = {
         ("AVAILABLE", lambda o, n: str(_status(o, "numberAvailable")), False),
         ("NODE SELECTOR", lambda o, n: _selector_text(((o.get("spec") or {}).get("template") or {}).get(
             "spec", {}).get("nodeSelector")), False),
+        ("AGE", _age, False),
+        ("CONTAINERS", lambda o, n: _join(c.get("name") for c in _template_containers(o)), True),
+        ("IMAGES", lambda o, n: _join(c.get("image") for c in _template_containers(o)), True),
+        ("SELECTOR", lambda o, n: _selector_text(((o.get("spec") or {}).get("selector") or {}).get("matchLabels")), True),
+    ],
+    "Job": [
+        ("STATUS", lambda o, n: _job_status(o), False),
+        ("COMPLETIONS", lambda o, n: _job_completions(o), False),
+        ("DURATION", lambda o, n: _job_duration(o, n), False),
         ("AGE", _age, False),
         ("CONTAINERS", lambda o, n: _join(c.get("name") for c in _template_containers(o)), True),
         ("IMAGES", lambda o, n: _join(c.get("image") for c in _template_containers(o)), True),

@@ -149,12 +149,46 @@ def _default_daemonset(spec: dict) -> None:
     _default_template(spec)
 
 
+JOB_UID_LABEL = "batch.kubernetes.io/controller-uid"
+JOB_NAME_LABEL = "batch.kubernetes.io/job-name"
+JOB_RESTART_POLICIES = ("OnFailure", "Never")
+
+
+def job_selector_defaulted(obj: dict, uid: str) -> dict:
+    """A new Job's selector and template labels, as the API server generates them (unless
+    spec.manualSelector): its uid, so a Job made again under the same name never adopts old pods."""
+    obj = copy.deepcopy(obj)
+    spec = obj.get("spec")
+    if not isinstance(spec, dict) or spec.get("manualSelector"):
+        return obj
+    name = (obj.get("metadata") or {}).get("name", "")
+    labels = {JOB_UID_LABEL: uid, JOB_NAME_LABEL: name, "controller-uid": uid, "job-name": name}
+    spec["selector"] = {"matchLabels": {JOB_UID_LABEL: uid}}
+    template = spec.get("template")
+    if isinstance(template, dict):
+        metadata = template.setdefault("metadata", {})
+        if isinstance(metadata, dict):
+            metadata["labels"] = {**(metadata.get("labels") or {}), **labels}
+    return obj
+
+
+def _default_job(spec: dict) -> None:
+    spec.setdefault("parallelism", 1)
+    if "completions" not in spec and spec["parallelism"] == 1:
+        spec["completions"] = 1   # both unset: one pod, once (only parallelism set: a work queue)
+    spec.setdefault("backoffLimit", 6)
+    spec.setdefault("completionMode", "NonIndexed")
+    spec.setdefault("suspend", False)
+    _default_template(spec)
+
+
 _DEFAULTERS: dict[str, Callable[[dict], None]] = {
     "Service": _default_service,
     "Pod": _default_pod_spec,
     "Deployment": _default_deployment,
     "ReplicaSet": _default_replicaset,
     "DaemonSet": _default_daemonset,
+    "Job": _default_job,
 }
 
 
@@ -451,8 +485,21 @@ def _validate_container(container: dict, path: str, names: set, errors: list) ->
             errors.append((f"{path}.{field}", invalid(value, "must be a list of strings")))
 
 
-def _validate_workload(obj: dict, errors: list) -> None:
-    """Deployment and ReplicaSet: a selector that matches the template's labels, replicas >= 0."""
+def _validate_job(obj: dict, errors: list) -> None:
+    """A Job: the workload's checks, counts >= 0, a template that stops (restartPolicy OnFailure or Never)."""
+    _validate_workload(obj, errors, JOB_RESTART_POLICIES)
+    spec = obj.get("spec") if isinstance(obj.get("spec"), dict) else {}
+    for field in ("parallelism", "completions", "backoffLimit", "activeDeadlineSeconds", "ttlSecondsAfterFinished"):
+        value = spec.get(field)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            errors.append((f"spec.{field}", invalid(value, "must be greater than or equal to 0")))
+    if spec.get("completionMode", "NonIndexed") != "NonIndexed":
+        errors.append(("spec.completionMode", unsupported(spec.get("completionMode"), ("NonIndexed",))))
+
+
+def _validate_workload(obj: dict, errors: list, restart_policies: tuple = ("Always",)) -> None:
+    """Deployment, ReplicaSet, DaemonSet (and a Job, with its own restart policies): a selector that
+    matches the template's labels, replicas >= 0."""
     spec = _spec(obj, errors)
     if spec is None:
         return
@@ -477,8 +524,9 @@ def _validate_workload(obj: dict, errors: list) -> None:
         errors.append(("spec.template.spec", required()))
         return
     _validate_pod_spec(template_spec, "spec.template.spec", errors)
-    if template_spec.get("restartPolicy", "Always") != "Always":
-        errors.append(("spec.template.spec.restartPolicy", unsupported(template_spec["restartPolicy"], ("Always",))))
+    if template_spec.get("restartPolicy", "Always") not in restart_policies:
+        errors.append(("spec.template.spec.restartPolicy", unsupported(template_spec.get("restartPolicy", "Always"),
+                                                                       restart_policies)))
 
 
 def _selector_matches(selector: dict, labels: dict) -> bool:
@@ -666,6 +714,7 @@ _VALIDATORS: dict[str, Callable[[dict, list], None]] = {
     "Deployment": _validate_workload,
     "ReplicaSet": _validate_workload,
     "DaemonSet": _validate_workload,
+    "Job": _validate_job,
     "Ingress": _validate_ingress,
     "EndpointSlice": _validate_endpointslice,
     "Endpoints": _validate_endpoints,
@@ -687,7 +736,7 @@ def validate_update(old: dict, new: dict) -> list[FieldError]:
         switching_to_external = new_spec.get("type") == "ExternalName"
         if old_ip and new_ip and old_ip != new_ip and not switching_to_external:
             errors.append(("spec.clusterIP", invalid(new_ip, "field is immutable")))
-    if kind in ("Deployment", "ReplicaSet", "DaemonSet") and old_spec.get("selector") != new_spec.get("selector"):
+    if kind in ("Deployment", "ReplicaSet", "DaemonSet", "Job") and old_spec.get("selector") != new_spec.get("selector"):
         errors.append(("spec.selector", invalid(new_spec.get("selector"), "field is immutable")))
     if kind == "Pod":
         old_node, new_node = old_spec.get("nodeName"), new_spec.get("nodeName")

@@ -251,6 +251,27 @@ def test_ephemeral_containers_are_added_through_their_subresource_only(api):
     assert got[0] == 200 and got[2]["kind"] == "Pod"
 
 
+def test_a_job_gets_a_selector_naming_its_uid_and_must_stop(api):
+    body = {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "pi"},
+            "spec": {"template": {"spec": {"restartPolicy": "Never",
+                                           "containers": [{"name": "pi", "image": "busybox", "args": ["true"]}]}}}}
+
+    async def scenario():
+        created = await raw(api, "POST", "/apis/batch/v1/namespaces/default/jobs", body)
+        always = await raw(api, "POST", "/apis/batch/v1/namespaces/default/jobs",
+                           {**body, "metadata": {"name": "forever"},
+                            "spec": {"template": {"spec": {"containers": body["spec"]["template"]["spec"]["containers"]}}}})
+        return created, always
+    created, always = run(scenario())
+    assert created[0] == 201
+    job = created[2]
+    uid = job["metadata"]["uid"]
+    assert job["spec"]["selector"] == {"matchLabels": {"batch.kubernetes.io/controller-uid": uid}}
+    assert job["spec"]["template"]["metadata"]["labels"]["batch.kubernetes.io/job-name"] == "pi"
+    assert (job["spec"]["completions"], job["spec"]["parallelism"], job["spec"]["backoffLimit"]) == (1, 1, 6)
+    assert always[0] == 422 and 'spec.template.spec.restartPolicy: Unsupported value: "Always"' in always[2]["message"]
+
+
 def test_binding_sets_node_name_once(api):
     async def scenario(client):
         await client.create(pod("p"))
@@ -480,7 +501,7 @@ def test_legacy_discovery(api):
     status, _, body = run(raw(api, "GET", "/api", headers={"Accept": "application/json"}))
     assert status == 200 and body["kind"] == "APIVersions" and body["versions"] == ["v1"]
     _, _, groups = run(raw(api, "GET", "/apis"))
-    assert {g["name"] for g in groups["groups"]} == {"apps", "discovery.k8s.io", "networking.k8s.io",
+    assert {g["name"] for g in groups["groups"]} == {"apps", "batch", "discovery.k8s.io", "networking.k8s.io",
                                                     "authorization.k8s.io", "authentication.k8s.io"}
     _, _, core = run(raw(api, "GET", "/api/v1"))
     pods = next(r for r in core["resources"] if r["name"] == "pods")

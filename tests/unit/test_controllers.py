@@ -269,6 +269,77 @@ def test_a_template_change_rolls_node_by_node_within_max_unavailable():
     assert status["updatedNumberScheduled"] == 0 and status["numberReady"] == 3
 
 
+def job(completions=1, parallelism=1, backoff=6, ttl=None, status=None):
+    spec = {"completions": completions, "parallelism": parallelism, "backoffLimit": backoff,
+            "selector": {"matchLabels": {"batch.kubernetes.io/controller-uid": "job-uid"}},
+            "template": {"metadata": {"labels": {"batch.kubernetes.io/controller-uid": "job-uid"}},
+                         "spec": {"restartPolicy": "Never", "containers": [{"name": "c", "image": "busybox",
+                                                                             "args": ["true"]}]}}}
+    if ttl is not None:
+        spec["ttlSecondsAfterFinished"] = ttl
+    out = {"apiVersion": "batch/v1", "kind": "Job",
+           "metadata": {"name": "j", "namespace": "default", "uid": "job-uid"}, "spec": spec}
+    if status:
+        out["status"] = status
+    return out
+
+
+def job_pods(the_job, phases):
+    pods = []
+    for i, phase in enumerate(phases):
+        p = stored(c.new_pod(the_job, f"p{i}"), f"uid-p{i}", phase=phase)
+        pods.append(p)
+    return pods
+
+
+NOW = 1_796_083_200.0   # 2026-12-01T00:00:00Z
+
+
+def test_a_job_runs_its_pods_parallelism_at_a_time_until_completions_succeed():
+    names = iter("abcdef")
+    first = c.reconcile_job(job(completions=3, parallelism=2), [], NOW, new_suffix=lambda: next(names))
+    assert [a.name for a in first if a.verb == "create"] == ["j-a", "j-b"]
+    status = next(a.body["status"] for a in first if a.subresource == "status")
+    assert status["startTime"] == "2026-12-01T00:00:00Z" and status["active"] == 0
+    running = job_pods(job(), ["Succeeded", "Running"])
+    more = c.reconcile_job(job(completions=3, parallelism=2), running, NOW, new_suffix=lambda: "z")
+    assert [a.name for a in more if a.verb == "create"] == ["j-z"]          # 1 left to succeed, 1 running: 1 more
+    done = job_pods(job(), ["Succeeded", "Succeeded", "Succeeded"])
+    [finish] = c.reconcile_job(job(completions=3, parallelism=2), done, NOW)
+    status = finish.body["status"]
+    assert [(k["type"], k["reason"]) for k in status["conditions"]] == [("Complete", "Completed")]
+    assert status["completionTime"] == "2026-12-01T00:00:00Z" and status["succeeded"] == 3
+    assert finish.event[1:3] == ("Normal", "Completed")
+
+
+def test_a_job_fails_past_its_backoff_limit_and_stops_what_still_runs():
+    pods = job_pods(job(), ["Failed", "Failed", "Running"])
+    actions = c.reconcile_job(job(backoff=1), pods, NOW)
+    assert [(a.verb, a.name) for a in actions if a.kind == "Pod"] == [("delete", "j-p2")]
+    status = next(a.body["status"] for a in actions if a.subresource == "status")
+    assert status["conditions"][0]["reason"] == "BackoffLimitExceeded" and status["failed"] == 2
+    retry = c.reconcile_job(job(backoff=6), job_pods(job(), ["Failed"]), NOW, new_suffix=lambda: "r")
+    assert [a.name for a in retry if a.verb == "create"] == ["j-r"]          # within the limit: another pod
+    two = job_pods(job(), ["Failed", "Failed"])
+    two[1]["status"]["containerStatuses"] = [{"state": {"terminated": {"finishedAt": "2026-12-01T00:00:00Z"}}}]
+    assert [a for a in c.reconcile_job(job(), two, NOW + 19) if a.verb == "create"] == []   # 2 failures: 20 s
+    assert [a.verb for a in c.reconcile_job(job(), two, NOW + 20, new_suffix=lambda: "s") if a.kind == "Pod"] == ["create"]
+
+
+def test_a_work_queue_job_is_done_when_one_pod_succeeded_and_none_runs():
+    waiting = c.reconcile_job(job(completions=None, parallelism=2), job_pods(job(), ["Succeeded", "Running"]), NOW)
+    assert [a for a in waiting if a.kind == "Pod"] == []                     # no new pods, the running one finishes
+    [finish] = c.reconcile_job(job(completions=None, parallelism=2), job_pods(job(), ["Succeeded", "Succeeded"]), NOW)
+    assert finish.body["status"]["conditions"][0]["type"] == "Complete"
+
+
+def test_a_finished_job_goes_after_its_ttl():
+    complete = {"conditions": [{"type": "Complete", "status": "True"}], "completionTime": "2026-12-01T00:00:00Z"}
+    assert c.reconcile_job(job(ttl=60, status=complete), [], NOW + 30) == []
+    assert [(a.verb, a.kind) for a in c.reconcile_job(job(ttl=60, status=complete), [], NOW + 60)] == [("delete", "Job")]
+    assert c.reconcile_job(job(status=complete), [], NOW + 10**6) == []     # no TTL: kept
+
+
 def test_every_namespace_gets_its_default_service_account():
     namespaces = [{"metadata": {"name": n}} for n in ("default", "team", "going")]
     namespaces[2]["metadata"]["deletionTimestamp"] = "2026-12-01T00:00:00Z"
