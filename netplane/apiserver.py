@@ -148,12 +148,22 @@ async def _relay(one, other) -> None:
     await asyncio.gather(one.close(), other.close(), return_exceptions=True)
 
 
-async def _relay_to(request: web.Request, agent, protocol: str) -> web.WebSocketResponse:
-    """Answer the client's upgrade with `protocol`, then relay it to the agent's WebSocket."""
-    client = web.WebSocketResponse(protocols=[protocol])
-    await client.prepare(request)
-    await _relay(client, agent)
-    return client
+async def _relay_to_agent(request: web.Request, url: str, node_name: str, protocol: str,
+                          params=None) -> web.WebSocketResponse:
+    """Open the same WebSocket to the agent (a refusal comes back as the API's Status, before the
+    client's upgrade is answered), then answer the client with `protocol` and relay both ways."""
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=5)) as session:
+        try:
+            agent = await session.ws_connect(url, protocols=[protocol], params=params)
+        except aiohttp.WSServerHandshakeError as err:
+            raise APIStatus(err.status, _STATUS_REASONS.get(err.status, "InternalError"),
+                            f"the agent on {node_name} refused: {err.message}") from None
+        except aiohttp.ClientError as err:
+            raise APIStatus(500, "InternalError", f'Get "{url}": {err}') from None
+        client = web.WebSocketResponse(protocols=[protocol])
+        await client.prepare(request)
+        await _relay(client, agent)
+        return client
 
 
 def _refused(err: podlogs.LogError) -> APIStatus:
@@ -1584,15 +1594,7 @@ class APIServer:
             url, node_name = await self._agent_url(pod, request.query.get("container"), verb)
         except podlogs.LogError as err:
             raise _refused(err) from None
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=5)) as session:
-            try:
-                agent = await session.ws_connect(url, protocols=[protocol], params=wanted.as_query())
-            except aiohttp.WSServerHandshakeError as err:
-                raise APIStatus(err.status, _STATUS_REASONS.get(err.status, "InternalError"),
-                                f"the agent on {node_name} refused: {err.message}") from None
-            except aiohttp.ClientError as err:
-                raise APIStatus(500, "InternalError", f'Get "{url}": {err}') from None
-            return await _relay_to(request, agent, protocol)
+        return await _relay_to_agent(request, url, node_name, protocol, wanted.as_query())
 
     async def _proxy(self, request: web.Request, namespace: str, plural: str, target_text: str) -> web.StreamResponse:
         """pods/proxy and services/proxy (netplane.apiproxy): the request relayed from here to a pod's
@@ -1643,15 +1645,7 @@ class APIServer:
                                              "over a WebSocket (kubectl 1.31 and later); the SPDY upgrade is not served")
         except podlogs.LogError as err:
             raise _refused(err) from None
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=5)) as session:
-            try:
-                agent = await session.ws_connect(url, protocols=[portforward.PROTOCOL])
-            except aiohttp.WSServerHandshakeError as err:
-                raise APIStatus(err.status, _STATUS_REASONS.get(err.status, "InternalError"),
-                                f"the agent on {node_name} refused: {err.message}") from None
-            except aiohttp.ClientError as err:
-                raise APIStatus(500, "InternalError", f'Get "{url}": {err}') from None
-            return await _relay_to(request, agent, portforward.PROTOCOL)
+        return await _relay_to_agent(request, url, node_name, portforward.PROTOCOL)
 
     # --- watch --------------------------------------------------------------------------------
 

@@ -375,6 +375,11 @@ def _retry_after(pods: list[dict], failed: int) -> float:
     return 0.0 if last is None else last + min(JOB_BACKOFF_S * 2 ** (failed - 1), JOB_BACKOFF_MAX_S)
 
 
+def _job_succeeded(completions: int | None, succeeded: int, active: int) -> bool:
+    """`completions` pods succeeded; for a work queue (no completions), one did and none runs."""
+    return succeeded >= completions if completions is not None else bool(succeeded) and not active
+
+
 def reconcile_job(job: dict, pods: list[dict], now: float, new_suffix=None) -> list[Action]:
     if is_terminating(job):
         return []
@@ -398,7 +403,7 @@ def reconcile_job(job: dict, pods: list[dict], now: float, new_suffix=None) -> l
     outcome = None
     if failed > spec.get("backoffLimit", 6):
         outcome = ("Failed", "Warning", "BackoffLimitExceeded", "Job has reached the specified backoff limit")
-    elif (succeeded >= completions) if completions is not None else (succeeded and not active):
+    elif _job_succeeded(completions, succeeded, len(active)):
         outcome = ("Complete", "Normal", "Completed", "Job completed")
     elif not spec.get("suspend"):
         if completions is None:   # a work queue: once one pod succeeded, no new ones; the rest finish
