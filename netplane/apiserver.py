@@ -46,9 +46,10 @@ VERSION = {"major": "1", "minor": "31", "gitVersion": "v1.31.0-netplane", "gitCo
            "gitTreeState": "clean", "buildDate": "2025-01-01T00:00:00Z", "goVersion": "python3",
            "compiler": "cpython", "platform": "linux/amd64"}
 # Kinds whose status is written only through /status (a main-resource write keeps the old one).
-STATUS_SUBRESOURCE = {"Pod", "Service", "Node", "Namespace", "Deployment", "ReplicaSet", "DaemonSet", "Job", "Ingress"}
-SCALE_SUBRESOURCE = {"Deployment", "ReplicaSet"}
-CATEGORY_ALL = {"Pod", "Service", "Deployment", "ReplicaSet", "DaemonSet", "Job"}
+STATUS_SUBRESOURCE = {"Pod", "Service", "Node", "Namespace", "Deployment", "ReplicaSet", "DaemonSet", "StatefulSet", "Job",
+                      "Ingress"}
+SCALE_SUBRESOURCE = {"Deployment", "ReplicaSet", "StatefulSet"}
+CATEGORY_ALL = {"Pod", "Service", "Deployment", "ReplicaSet", "DaemonSet", "StatefulSet", "Job"}
 VERBS = ["create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"]
 BOOKMARK_INTERVAL = 30.0
 VERB = web.RequestKey("verb", str)          # for metrics and logs

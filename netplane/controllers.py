@@ -343,6 +343,93 @@ def reconcile_daemonset(ds: dict, nodes: list[dict], pods: list[dict], new_suffi
 
 
 # --------------------------------------------------------------------------------------------
+# StatefulSets: pods with stable names (web-0, web-1, ...), each its own DNS name under the governing
+# headless Service (hostname + subdomain), made in order and each Ready before the next
+# (OrderedReady), removed from the highest; a new template replaces them from the highest down.
+
+POD_NAME_LABEL = "statefulset.kubernetes.io/pod-name"
+POD_INDEX_LABEL = "apps.kubernetes.io/pod-index"
+
+
+def _revision(sts: dict) -> str:
+    return f"{sts['metadata']['name']}-{short_hash(zero_values_dropped(sts['spec']['template']))}"
+
+
+def stateful_pod(sts: dict, ordinal: int) -> dict:
+    pod = new_pod(sts, str(ordinal))
+    name = pod["metadata"]["name"]
+    pod["metadata"]["labels"].update({REVISION_LABEL: _revision(sts), POD_NAME_LABEL: name,
+                                      POD_INDEX_LABEL: str(ordinal)})
+    pod["spec"]["hostname"] = name
+    if sts["spec"].get("serviceName"):
+        pod["spec"]["subdomain"] = sts["spec"]["serviceName"]
+    return pod
+
+
+def _ordinal(pod: dict, sts: dict) -> int | None:
+    prefix, name = sts["metadata"]["name"] + "-", pod["metadata"]["name"]
+    tail = name[len(prefix):] if name.startswith(prefix) else ""
+    return int(tail) if tail.isdigit() else None
+
+
+def reconcile_statefulset(sts: dict, pods: list[dict]) -> list[Action]:
+    if is_terminating(sts):
+        return []
+    spec, have = sts["spec"], sts.get("status") or {}
+    replicas, revision = spec.get("replicas", 1), _revision(sts)
+    ordered = spec.get("podManagementPolicy", "OrderedReady") != "Parallel"
+    by_ordinal = {}
+    for pod in pods:
+        if controlled_by(pod, sts) and not is_terminating(pod) and _ordinal(pod, sts) is not None:
+            by_ordinal[_ordinal(pod, sts)] = pod
+    actions: list[Action] = []
+
+    def made(ordinal: int) -> None:
+        pod = stateful_pod(sts, ordinal)
+        actions.append(told(create(pod), sts, "SuccessfulCreate",
+                            f"create Pod {pod['metadata']['name']} in StatefulSet {sts['metadata']['name']} successful"))
+
+    def removed(pod: dict) -> None:
+        actions.append(told(delete("Pod", pod), sts, "SuccessfulDelete",
+                            f"delete Pod {pod['metadata']['name']} in StatefulSet {sts['metadata']['name']} successful"))
+
+    blocked = False   # OrderedReady: nothing past a pod that is missing or not Ready
+    for ordinal in range(replicas):
+        pod = by_ordinal.get(ordinal)
+        if pod is not None and (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
+            removed(pod)   # a stateful pod that stopped is made again, under the same name
+            pod = None
+        if pod is None:
+            if not blocked or not ordered:
+                made(ordinal)
+            blocked = True
+        elif not pod_is_ready(pod):
+            blocked = True
+    extra = sorted((o for o in by_ordinal if o >= replicas), reverse=True)
+    if extra and not (ordered and blocked):
+        for ordinal in extra[:1] if ordered else extra:
+            removed(by_ordinal[ordinal])
+    partition = ((spec.get("updateStrategy") or {}).get("rollingUpdate") or {}).get("partition", 0)
+    rolling = (spec.get("updateStrategy") or {}).get("type", "RollingUpdate") == "RollingUpdate"
+    current = [o for o in range(replicas) if o in by_ordinal]
+    stale = [o for o in current if o >= partition and labels_of(by_ordinal[o]).get(REVISION_LABEL) != revision]
+    if rolling and stale and not blocked and not extra:
+        removed(by_ordinal[max(stale)])   # from the highest down, each made again with the new template
+    ready = sum(1 for o in current if pod_is_ready(by_ordinal[o]))
+    updated = sum(1 for o in current if labels_of(by_ordinal[o]).get(REVISION_LABEL) == revision)
+    done = updated == replicas and ready == replicas
+    older = next((labels_of(by_ordinal[o]).get(REVISION_LABEL) for o in current
+                  if labels_of(by_ordinal[o]).get(REVISION_LABEL) != revision), revision)
+    status = {"replicas": len(by_ordinal), "readyReplicas": ready, "availableReplicas": ready,
+              "currentReplicas": updated if done else len(current) - updated, "updatedReplicas": updated,
+              "updateRevision": revision, "currentRevision": revision if done else have.get("currentRevision", older),
+              "observedGeneration": sts["metadata"].get("generation", 1)}
+    if _differs(have, status):
+        actions.append(patch("StatefulSet", sts, {"status": status}, "status"))
+    return actions
+
+
+# --------------------------------------------------------------------------------------------
 # Jobs: pods run to completion, `completions` of them succeeding (with `parallelism` at a time), or
 # the Job fails once more than `backoffLimit` have failed; finished Jobs go after
 # ttlSecondsAfterFinished.
@@ -480,6 +567,15 @@ def endpoint_slices_for(service: dict, pods: list[dict]) -> list[dict]:
     return [_slice(service, ports, members) for ports, members in sorted(groups.items())]
 
 
+def _dns_hostname(pod: dict, service: dict) -> str | None:
+    """The pod's name under the Service in DNS (web-0.nginx.default.svc...): its spec.hostname, when its
+    spec.subdomain is the Service (a StatefulSet's pods under their governing Service)."""
+    spec = pod.get("spec") or {}
+    if spec.get("hostname") and spec.get("subdomain") == service["metadata"]["name"]:
+        return spec["hostname"]
+    return None
+
+
 def _slice(service: dict, ports: tuple, pods: list[dict]) -> dict:
     meta = service["metadata"]
     ready = [pod_is_ready(p) for p in pods]
@@ -493,6 +589,7 @@ def _slice(service: dict, ports: tuple, pods: list[dict]) -> dict:
         "endpoints": [
             {"addresses": [p["status"]["podIP"]],
              "conditions": {"ready": r, "serving": r, "terminating": False},
+             **({"hostname": _dns_hostname(p, service)} if _dns_hostname(p, service) else {}),
              "nodeName": p["spec"].get("nodeName"),
              "targetRef": {"kind": "Pod", "namespace": p["metadata"]["namespace"],
                            "name": p["metadata"]["name"], "uid": p["metadata"].get("uid")}}
@@ -540,7 +637,7 @@ def endpoints_for(service: dict, pods: list[dict]) -> dict | None:
     for ports, members in sorted(groups.items()):
         subset = {}
         for key, ready in (("addresses", True), ("notReadyAddresses", False)):
-            chosen = [_endpoint_address(p) for p in members if pod_is_ready(p) == ready]
+            chosen = [_endpoint_address(p, service) for p in members if pod_is_ready(p) == ready]
             if chosen:
                 subset[key] = chosen
         if ports:
@@ -553,8 +650,10 @@ def endpoints_for(service: dict, pods: list[dict]) -> dict | None:
             "subsets": subsets}
 
 
-def _endpoint_address(pod: dict) -> dict:
-    return {"ip": pod["status"]["podIP"], "nodeName": pod["spec"].get("nodeName"),
+def _endpoint_address(pod: dict, service: dict) -> dict:
+    hostname = _dns_hostname(pod, service)
+    return {"ip": pod["status"]["podIP"], **({"hostname": hostname} if hostname else {}),
+            "nodeName": pod["spec"].get("nodeName"),
             "targetRef": {"kind": "Pod", "namespace": pod["metadata"]["namespace"], "name": pod["metadata"]["name"],
                           "uid": pod["metadata"].get("uid")}}
 
@@ -709,7 +808,7 @@ def _parse_time(value: str | None) -> float | None:
 
 
 def orphans(objects: dict[str, list[dict]],
-            owner_kinds=("Deployment", "ReplicaSet", "DaemonSet", "Job", "Service")) -> list[Action]:
+            owner_kinds=("Deployment", "ReplicaSet", "DaemonSet", "StatefulSet", "Job", "Service")) -> list[Action]:
     """Objects whose every owner reference points at an owner that no longer exists."""
     alive = {o["metadata"].get("uid") for kind in owner_kinds for o in objects.get(kind, [])}
     actions = []
@@ -747,6 +846,9 @@ def desired_actions(objects: dict[str, list[dict]], settings: Settings, now: flo
     for ds in objects.get("DaemonSet", []):
         if ds["metadata"].get("uid") not in unsettled:
             actions += reconcile_daemonset(ds, objects["Node"], objects["Pod"])
+    for sts in objects.get("StatefulSet", []):
+        if sts["metadata"].get("uid") not in unsettled:
+            actions += reconcile_statefulset(sts, objects["Pod"])
     for job in objects.get("Job", []):
         if job["metadata"].get("uid") not in unsettled:
             actions += reconcile_job(job, objects["Pod"], now)
@@ -784,7 +886,7 @@ class Expectations:
         return False
 
 
-KINDS = ("Deployment", "ReplicaSet", "DaemonSet", "Job", "Pod", "Service", "EndpointSlice", "Endpoints", "Node",
+KINDS = ("Deployment", "ReplicaSet", "DaemonSet", "StatefulSet", "Job", "Pod", "Service", "EndpointSlice", "Endpoints", "Node",
          "Namespace", "ServiceAccount")
 
 
@@ -803,12 +905,13 @@ class ControllerManager:
         return {kind: self.view.list(kind) for kind in KINDS}
 
     def unsettled_owners(self, objects: dict[str, list[dict]], now: float) -> frozenset:
-        """Uids of ReplicaSets, DaemonSets and Jobs whose earlier pod creations/deletions are not visible yet."""
+        """Uids of the pods' owners (ReplicaSets, DaemonSets, StatefulSets, Jobs) whose earlier pod creations/deletions are not visible yet."""
         pods_by_owner: dict[str, set] = {}
         for pod in objects["Pod"]:
             for ref in pod["metadata"].get("ownerReferences") or []:
                 pods_by_owner.setdefault(ref.get("uid"), set()).add(pod["metadata"]["name"])
-        return frozenset(owner["metadata"]["uid"] for owner in [*objects["ReplicaSet"], *objects["DaemonSet"], *objects["Job"]]
+        return frozenset(owner["metadata"]["uid"] for owner in [*objects["ReplicaSet"], *objects["DaemonSet"],
+                                                     *objects["StatefulSet"], *objects["Job"]]
                          if not self.expectations.satisfied(owner["metadata"]["uid"],
                                                             pods_by_owner.get(owner["metadata"]["uid"], set()), now))
 

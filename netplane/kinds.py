@@ -58,6 +58,7 @@ KINDS: tuple[Kind, ...] = (
     Kind("Deployment", "apps", "v1", "deployments", True, ("deploy",)),
     Kind("ReplicaSet", "apps", "v1", "replicasets", True, ("rs",)),
     Kind("DaemonSet", "apps", "v1", "daemonsets", True, ("ds",)),
+    Kind("StatefulSet", "apps", "v1", "statefulsets", True, ("sts",)),
     Kind("Job", "batch", "v1", "jobs", True, ()),
     Kind("Ingress", "networking.k8s.io", "v1", "ingresses", True, ("ing",)),
     Kind("IngressClass", "networking.k8s.io", "v1", "ingressclasses", False, ()),

@@ -600,6 +600,12 @@ COLUMNS: dict[str, list[Column]] = {
         ("IMAGES", lambda o, n: _join(c.get("image") for c in _template_containers(o)), True),
         ("SELECTOR", lambda o, n: _selector_text(((o.get("spec") or {}).get("selector") or {}).get("matchLabels")), True),
     ],
+    "StatefulSet": [
+        ("READY", lambda o, n: f"{_status(o, 'readyReplicas')}/{(o.get('spec') or {}).get('replicas', 1)}", False),
+        ("AGE", _age, False),
+        ("CONTAINERS", lambda o, n: _join(c.get("name") for c in _template_containers(o)), True),
+        ("IMAGES", lambda o, n: _join(c.get("image") for c in _template_containers(o)), True),
+    ],
     "Job": [
         ("STATUS", lambda o, n: _job_status(o), False),
         ("COMPLETIONS", lambda o, n: _job_completions(o), False),

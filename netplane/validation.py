@@ -172,6 +172,18 @@ def job_selector_defaulted(obj: dict, uid: str) -> dict:
     return obj
 
 
+def _default_statefulset(spec: dict) -> None:
+    spec.setdefault("replicas", 1)
+    spec.setdefault("podManagementPolicy", "OrderedReady")
+    spec.setdefault("revisionHistoryLimit", 10)
+    strategy = spec.setdefault("updateStrategy", {})
+    if isinstance(strategy, dict):
+        strategy.setdefault("type", "RollingUpdate")
+        if strategy["type"] == "RollingUpdate" and isinstance(strategy.setdefault("rollingUpdate", {}), dict):
+            strategy["rollingUpdate"].setdefault("partition", 0)
+    _default_template(spec)
+
+
 def _default_job(spec: dict) -> None:
     spec.setdefault("parallelism", 1)
     if "completions" not in spec and spec["parallelism"] == 1:
@@ -189,6 +201,7 @@ _DEFAULTERS: dict[str, Callable[[dict], None]] = {
     "ReplicaSet": _default_replicaset,
     "DaemonSet": _default_daemonset,
     "Job": _default_job,
+    "StatefulSet": _default_statefulset,
 }
 
 
@@ -714,6 +727,7 @@ _VALIDATORS: dict[str, Callable[[dict, list], None]] = {
     "Deployment": _validate_workload,
     "ReplicaSet": _validate_workload,
     "DaemonSet": _validate_workload,
+    "StatefulSet": _validate_workload,
     "Job": _validate_job,
     "Ingress": _validate_ingress,
     "EndpointSlice": _validate_endpointslice,
@@ -736,7 +750,8 @@ def validate_update(old: dict, new: dict) -> list[FieldError]:
         switching_to_external = new_spec.get("type") == "ExternalName"
         if old_ip and new_ip and old_ip != new_ip and not switching_to_external:
             errors.append(("spec.clusterIP", invalid(new_ip, "field is immutable")))
-    if kind in ("Deployment", "ReplicaSet", "DaemonSet", "Job") and old_spec.get("selector") != new_spec.get("selector"):
+    if kind in ("Deployment", "ReplicaSet", "DaemonSet", "StatefulSet", "Job") \
+            and old_spec.get("selector") != new_spec.get("selector"):
         errors.append(("spec.selector", invalid(new_spec.get("selector"), "field is immutable")))
     if kind == "Pod":
         old_node, new_node = old_spec.get("nodeName"), new_spec.get("nodeName")

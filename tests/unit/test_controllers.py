@@ -269,6 +269,69 @@ def test_a_template_change_rolls_node_by_node_within_max_unavailable():
     assert status["updatedNumberScheduled"] == 0 and status["numberReady"] == 3
 
 
+def statefulset(replicas=3, image="netplane/echo:v1", policy="OrderedReady", partition=0):
+    return {"apiVersion": "apps/v1", "kind": "StatefulSet",
+            "metadata": {"name": "web", "namespace": "default", "uid": "sts-uid", "generation": 1},
+            "spec": {"replicas": replicas, "serviceName": "nginx", "podManagementPolicy": policy,
+                     "selector": {"matchLabels": {"app": "web"}},
+                     "updateStrategy": {"type": "RollingUpdate", "rollingUpdate": {"partition": partition}},
+                     "template": {"metadata": {"labels": {"app": "web"}},
+                                  "spec": {"containers": [{"name": "web", "image": image}]}}}}
+
+
+def stateful_pods(sts, ready_by_ordinal: dict):
+    return [stored(c.stateful_pod(sts, i), f"uid-{i}", phase="Running",
+                   conditions=[{"type": "Ready", "status": "True" if ready else "False"}])
+            for i, ready in ready_by_ordinal.items()]
+
+
+def test_a_statefulset_makes_its_pods_in_order_each_ready_before_the_next():
+    sts = statefulset()
+    [first] = [a for a in c.reconcile_statefulset(sts, []) if a.kind == "Pod"]
+    pod = first.body
+    assert (first.verb, first.name) == ("create", "web-0")
+    assert (pod["spec"]["hostname"], pod["spec"]["subdomain"]) == ("web-0", "nginx")   # web-0.nginx.default.svc...
+    assert pod["metadata"]["labels"][c.POD_NAME_LABEL] == "web-0"
+    waiting = c.reconcile_statefulset(sts, stateful_pods(sts, {0: False}))
+    assert [a for a in waiting if a.kind == "Pod"] == []                           # web-0 not Ready: nothing more
+    [second] = [a for a in c.reconcile_statefulset(sts, stateful_pods(sts, {0: True})) if a.kind == "Pod"]
+    assert second.name == "web-1"
+    parallel = statefulset(policy="Parallel")
+    assert [a.name for a in c.reconcile_statefulset(parallel, []) if a.kind == "Pod"] == ["web-0", "web-1", "web-2"]
+    stopped = stateful_pods(sts, {0: True}) + [{**stateful_pods(sts, {1: True})[0], "status": {"phase": "Failed"}}]
+    again = [(a.verb, a.name) for a in c.reconcile_statefulset(sts, stopped) if a.kind == "Pod"]
+    assert again == [("delete", "web-1"), ("create", "web-1")]                    # made again under its name
+
+
+def test_a_pod_with_the_services_subdomain_gets_its_dns_hostname_in_the_endpoints():
+    headless = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "nginx", "namespace": "default", "uid": "h"},
+                "spec": {"clusterIP": "None", "selector": {"app": "web"}, "ports": [{"name": "web", "port": 80}]}}
+    sts = statefulset()
+    pods = [{**p, "status": {**p["status"], "podIP": f"10.0.0.{i}"}} for i, p in enumerate(stateful_pods(sts, {0: True, 1: True}))]
+    other = {**pods[1], "metadata": {**pods[1]["metadata"], "name": "loose"}, "spec": {**pods[1]["spec"], "subdomain": "x"}}
+    [slice_] = c.endpoint_slices_for(headless, [pods[0], other])
+    assert {e["targetRef"]["name"]: e.get("hostname") for e in slice_["endpoints"]} == {"web-0": "web-0", "loose": None}
+    eps = c.endpoints_for(headless, pods)
+    assert [a.get("hostname") for a in eps["subsets"][0]["addresses"]] == ["web-0", "web-1"]
+
+
+def test_a_statefulset_scales_down_from_the_highest_and_rolls_from_the_highest():
+    sts = statefulset(replicas=1)
+    [down] = [a for a in c.reconcile_statefulset(sts, stateful_pods(sts, {0: True, 1: True, 2: True})) if a.kind == "Pod"]
+    assert (down.verb, down.name) == ("delete", "web-2")                           # one at a time, highest first
+    old, new = statefulset(image="netplane/echo:v1"), statefulset(image="netplane/echo:v2")
+    pods = stateful_pods(old, {0: True, 1: True, 2: True})
+    [roll] = [a for a in c.reconcile_statefulset(new, pods) if a.kind == "Pod"]
+    assert (roll.verb, roll.name) == ("delete", "web-2")
+    status = next(a.body["status"] for a in c.reconcile_statefulset(new, pods) if a.subresource == "status")
+    assert status["updatedReplicas"] == 0 and status["currentRevision"] == c._revision(old) != status["updateRevision"]
+    partitioned = statefulset(image="netplane/echo:v2", partition=3)
+    assert [a for a in c.reconcile_statefulset(partitioned, pods) if a.kind == "Pod"] == []   # all below the partition
+    done = stateful_pods(new, {0: True, 1: True, 2: True})
+    status = next(a.body["status"] for a in c.reconcile_statefulset(new, done) if a.subresource == "status")
+    assert status["currentRevision"] == status["updateRevision"] and status["updatedReplicas"] == 3
+
+
 def job(completions=1, parallelism=1, backoff=6, ttl=None, status=None):
     spec = {"completions": completions, "parallelism": parallelism, "backoffLimit": backoff,
             "selector": {"matchLabels": {"batch.kubernetes.io/controller-uid": "job-uid"}},
