@@ -201,9 +201,10 @@ def test_agent_registers_wires_network_runs_echo_and_removes_it(cluster):
 
     # deleting the pod stops it and removes its namespace, files and state
     c.api("DELETE", "/api/v1/namespaces/default/pods/echo-1")
-    wait_for(lambda: not netns.exists(pod_ns), what="the pod's netns to go")
+    # the agent removes the netns, then its /etc files, then the pod's state: wait for the last
+    wait_for(lambda: not (c.state / "pods" / f"default_echo-1_{uid}").exists(), what="the pod's state to go")
+    assert not netns.exists(pod_ns)
     assert not Path(f"/etc/netns/{pod_ns}").exists()
-    assert not (c.state / "pods" / f"default_echo-1_{uid}").exists()
     assert c.curl("--max-time", "1", f"http://{status['podIP']}:8080/").returncode != 0
 
     c.api("DELETE", "/api/v1/nodes/worker-2")
