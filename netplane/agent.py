@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from netplane import daemon, netns, overlay, podexec, podlogs, podnet, portforward, runtime
+from netplane import daemon, netns, overlay, podexec, podlogs, podmetrics, podnet, portforward, runtime
 from netplane.daemon import log_fields
 from netplane.events import EventRecorder
 from netplane.podnet import PodRef
@@ -777,6 +777,7 @@ class Agent:
         self.vxlan_checked = ("", 0.0)
         self.known_uids: set[str] | None = None
         self.log_rotations: dict[str, int] = {}   # container log path -> times rotated
+        self.sampler = podmetrics.Sampler()       # CPU and memory, for kubectl top
         self.events = EventRecorder(client, "kubelet", config.node_name)
 
     def _started_container(self, namespace: str, name: str, container: str) -> tuple[PodWorker, ContainerRecord]:
@@ -850,7 +851,8 @@ class Agent:
             runner = CoalescingRunner(self.reconcile, min_interval=0.1, periodic=ROUTE_VERIFY_SECONDS)
             self.view.add_listener(runner.request)
             runner.request()
-            tasks = [asyncio.create_task(runner.run(stop)), asyncio.create_task(self.heartbeat_loop(stop))]
+            tasks = [asyncio.create_task(runner.run(stop)), asyncio.create_task(self.heartbeat_loop(stop)),
+                     asyncio.create_task(self.metrics_loop())]
             await stop.wait()
             for task in tasks:
                 task.cancel()
@@ -859,6 +861,26 @@ class Agent:
             await asyncio.gather(*(w.stop(teardown=False) for w in self.workers.values()), return_exceptions=True)
             await asyncio.gather(*self.terminating.values(), return_exceptions=True)
             await self.view.stop()
+
+    async def metrics_loop(self) -> None:
+        """Sample the containers' and the machine's CPU and memory for `kubectl top` (netplane.podmetrics)."""
+        while True:
+            groups = {(uid, name): process.pid for uid, worker in self.workers.items()
+                      for name, process in worker.processes.items() if process.popen.returncode is None}
+            await asyncio.to_thread(self.sampler.sample, groups)
+            await asyncio.sleep(podmetrics.SAMPLE_SECONDS)
+
+    def resource_report(self) -> dict:
+        """The latest usage: the machine's as this node's, and each running container's by pod."""
+        latest = self.sampler.latest
+        pods = []
+        for uid, worker in self.workers.items():
+            containers = [{"name": name, "usage": latest[(uid, name)].as_usage()}
+                          for name in worker.processes if (uid, name) in latest]
+            pods.append({"namespace": worker.ref.namespace, "name": worker.ref.name, "containers": containers})
+        machine = latest.get("machine")
+        return {"timestamp": self.sampler.timestamp, "window": self.sampler.window,
+                "node": machine.as_usage() if machine else None, "pods": pods}
 
     @staticmethod
     async def _until_stop(work, stop: asyncio.Event) -> bool:
@@ -1144,6 +1166,15 @@ def add_pod_routes(app, agent_or_none) -> None:
         return ws
 
     app.router.add_get("/portForward/{namespace}/{pod}", port_forward)
+
+    async def resource_stats(_request: web.Request) -> web.Response:
+        """/stats/resource: the latest CPU and memory of this node and its containers (kubectl top)."""
+        agent = agent_or_none()
+        if agent is None:
+            return web.Response(status=503, text="the agent is starting")
+        return web.json_response(agent.resource_report())
+
+    app.router.add_get("/stats/resource", resource_stats)
 
 
 def main(argv: list[str] | None = None) -> int:

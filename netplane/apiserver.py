@@ -31,7 +31,7 @@ import yaml
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
 
-from netplane import apiproxy, daemon, events, kinds, podexec, podlogs, portforward, validation
+from netplane import apiproxy, daemon, events, kinds, podexec, podlogs, podmetrics, portforward, validation
 from netplane import store as store_mod
 from netplane.allocators import AllocationError, Allocators
 from netplane.kinds import KINDS, Kind
@@ -991,6 +991,10 @@ REVIEW_KINDS = (
     Kind("SelfSubjectReview", "authentication.k8s.io", "v1", "selfsubjectreviews", False),
 )
 _REVIEWS = {(k.group, k.version, k.plural): k for k in REVIEW_KINDS}
+# Read-only resources computed on each request from the nodes' agents (netplane.podmetrics): kubectl top.
+METRICS_KINDS = (Kind("NodeMetrics", "metrics.k8s.io", "v1beta1", "nodes", False),
+                 Kind("PodMetrics", "metrics.k8s.io", "v1beta1", "pods", True))
+METRICS_GROUP = "metrics.k8s.io"
 ALLOWED_REASON = "netplane's API server allows every request (no authentication, AlwaysAllow authorization)"
 
 
@@ -1016,12 +1020,14 @@ def review(kind: Kind, body: dict) -> dict:
 
 
 def _verbs(kind: Kind) -> list[str]:
-    return ["create"] if kind in REVIEW_KINDS else VERBS
+    if kind in REVIEW_KINDS:
+        return ["create"]
+    return ["get", "list"] if kind in METRICS_KINDS else VERBS
 
 
 def group_versions() -> dict[tuple[str, str], list[Kind]]:
     grouped: dict[tuple[str, str], list[Kind]] = {}
-    for kind in (*KINDS, *REVIEW_KINDS):
+    for kind in (*KINDS, *REVIEW_KINDS, *METRICS_KINDS):
         grouped.setdefault((kind.group, kind.version), []).append(kind)
     return grouped
 
@@ -1123,7 +1129,7 @@ def openapi_document(group: str, version: str) -> dict | None:
     if members is None:
         return None
     paths = {}
-    for kind in (k for k in members if k not in REVIEW_KINDS):
+    for kind in (k for k in members if k not in REVIEW_KINDS and k not in METRICS_KINDS):
         ns = "/namespaces/{namespace}" if kind.namespaced else ""
         paths[f"{kind.prefix}{ns}/{kind.plural}/{{name}}"] = {"patch": {
             "x-kubernetes-group-version-kind": {"group": kind.group, "version": kind.version, "kind": kind.kind},
@@ -1430,6 +1436,8 @@ class APIServer:
         if (group, version) == ("", "v1") and len(rest) >= 5 and rest[0] == "namespaces" \
                 and rest[2] in ("pods", "services") and rest[4] == "proxy":
             return await self._proxy(request, rest[1], rest[2], rest[3])
+        if (group, version) == (METRICS_GROUP, "v1beta1"):
+            return await self._resource_metrics(request, rest)
         reviewed = _REVIEWS.get((group, version, rest[0]))
         if reviewed is not None and len(rest) == 1:
             request[VERB], request[RESOURCE] = "create", reviewed.plural
@@ -1633,6 +1641,51 @@ class APIServer:
             if response is not None and response.prepared:   # the pod went away mid-answer
                 return response
             raise APIStatus(503, "ServiceUnavailable", apiproxy.unreachable(address, err)) from None
+
+    async def _resource_metrics(self, request: web.Request, rest: list[str]) -> web.Response:
+        """metrics.k8s.io/v1beta1 nodes and pods (kubectl top), from every node's agent at once."""
+        namespace = rest[1] if len(rest) >= 3 and rest[0] == "namespaces" else None
+        parts = rest[2:] if namespace else rest
+        if not parts or parts[0] not in ("nodes", "pods") or len(parts) > 2 or (parts[0] == "nodes" and namespace):
+            raise path_not_found()
+        plural, name = parts[0], (parts[1] if len(parts) == 2 else None)
+        request[VERB], request[RESOURCE] = ("get" if name else "list"), f"{plural}.metrics"
+        if request.method != "GET":
+            raise web.HTTPMethodNotAllowed(request.method, ["GET"])
+        selector = Selector(request.query.get("labelSelector"), request.query.get("fieldSelector"))
+        nodes, _ = await self.registry.list(kinds.by_kind("Node"))
+        reports = await asyncio.gather(*(self._agent_report(n) for n in nodes))
+        if plural == "nodes":
+            wanted = {n["metadata"]["name"] for n in nodes if selector(n)}
+            items = [m for n, r in zip(nodes, reports) if n["metadata"]["name"] in wanted
+                     and (m := podmetrics.node_metrics(n["metadata"]["name"], r))]
+            kind_name = "NodeMetrics"
+        else:
+            pods, _ = await self.registry.list(kinds.by_kind("Pod"), namespace, selector)
+            wanted = {(p["metadata"]["namespace"], p["metadata"]["name"]) for p in pods}
+            items = [m for r in reports for m in podmetrics.pod_metrics(r)
+                     if (m["metadata"]["namespace"], m["metadata"]["name"]) in wanted]
+            kind_name = "PodMetrics"
+        if name is not None:
+            found = next((m for m in items if m["metadata"]["name"] == name), None)
+            if found is None:
+                raise APIStatus(404, "NotFound", f'{plural}.metrics.k8s.io "{name}" not found',
+                                {"name": name, "group": METRICS_GROUP, "kind": plural})
+            return _json(found)
+        return _json({"kind": f"{kind_name}List", "apiVersion": "metrics.k8s.io/v1beta1",
+                      "metadata": {}, "items": sorted(items, key=lambda m: (m["metadata"].get("namespace", ""),
+                                                                            m["metadata"]["name"]))})
+
+    @staticmethod
+    async def _agent_report(node: dict) -> dict:
+        """A node agent's /stats/resource; {} when it does not answer in time (its node then has no row)."""
+        try:
+            url = podlogs.agent_url(node, "/stats/resource")
+            timeout = aiohttp.ClientTimeout(total=3)
+            async with aiohttp.ClientSession(timeout=timeout) as session, session.get(url) as response:
+                return await response.json() if response.status == 200 else {}
+        except (podlogs.LogError, aiohttp.ClientError, asyncio.TimeoutError, ValueError):
+            return {}
 
     async def _pod_port_forward(self, request: web.Request, namespace: str, name: str) -> web.StreamResponse:
         """pods/portforward: the client's WebSocket (SPDY/3.1 inside, netplane.portforward) relayed to the

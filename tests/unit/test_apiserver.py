@@ -501,7 +501,7 @@ def test_legacy_discovery(api):
     status, _, body = run(raw(api, "GET", "/api", headers={"Accept": "application/json"}))
     assert status == 200 and body["kind"] == "APIVersions" and body["versions"] == ["v1"]
     _, _, groups = run(raw(api, "GET", "/apis"))
-    assert {g["name"] for g in groups["groups"]} == {"apps", "batch", "discovery.k8s.io", "networking.k8s.io",
+    assert {g["name"] for g in groups["groups"]} == {"apps", "batch", "discovery.k8s.io", "networking.k8s.io", "metrics.k8s.io",
                                                     "authorization.k8s.io", "authentication.k8s.io"}
     _, _, core = run(raw(api, "GET", "/api/v1"))
     pods = next(r for r in core["resources"] if r["name"] == "pods")
