@@ -47,9 +47,9 @@ VERSION = {"major": "1", "minor": "31", "gitVersion": "v1.31.0-netplane", "gitCo
            "compiler": "cpython", "platform": "linux/amd64"}
 # Kinds whose status is written only through /status (a main-resource write keeps the old one).
 STATUS_SUBRESOURCE = {"Pod", "Service", "Node", "Namespace", "Deployment", "ReplicaSet", "DaemonSet", "StatefulSet", "Job",
-                      "Ingress"}
+                      "CronJob", "Ingress"}
 SCALE_SUBRESOURCE = {"Deployment", "ReplicaSet", "StatefulSet"}
-CATEGORY_ALL = {"Pod", "Service", "Deployment", "ReplicaSet", "DaemonSet", "StatefulSet", "Job"}
+CATEGORY_ALL = {"Pod", "Service", "Deployment", "ReplicaSet", "DaemonSet", "StatefulSet", "Job", "CronJob"}
 VERBS = ["create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"]
 BOOKMARK_INTERVAL = 30.0
 VERB = web.RequestKey("verb", str)          # for metrics and logs

@@ -518,6 +518,71 @@ def reconcile_job(job: dict, pods: list[dict], now: float, new_suffix=None) -> l
 
 
 # --------------------------------------------------------------------------------------------
+# CronJobs: a Job at each time the schedule names (the latest one missed, when several were),
+# within startingDeadlineSeconds; concurrencyPolicy Allow, Forbid (skip while one runs) or Replace;
+# only the newest finished Jobs kept (successfulJobsHistoryLimit, failedJobsHistoryLimit).
+
+SCHEDULED_ANNOTATION = "batch.kubernetes.io/cronjob-scheduled-timestamp"
+
+
+def job_for(cronjob: dict, at: datetime) -> dict:
+    template = cronjob["spec"]["jobTemplate"]
+    meta = cronjob["metadata"]
+    stamp = at.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return {"apiVersion": "batch/v1", "kind": "Job",
+            "metadata": {"name": f"{meta['name']}-{int(at.timestamp() // 60)}", "namespace": meta["namespace"],
+                         "labels": dict((template.get("metadata") or {}).get("labels") or {}),
+                         "annotations": {**((template.get("metadata") or {}).get("annotations") or {}),
+                                         SCHEDULED_ANNOTATION: stamp},
+                         "ownerReferences": [owner_reference(cronjob)]},
+            "spec": json.loads(json.dumps(template.get("spec") or {}))}
+
+
+def _job_ref(job: dict) -> dict:
+    return {"apiVersion": "batch/v1", "kind": "Job", "name": job["metadata"]["name"],
+            "namespace": job["metadata"]["namespace"], "uid": job["metadata"].get("uid")}
+
+
+def reconcile_cronjob(cronjob: dict, jobs: list[dict], now: float) -> list[Action]:
+    from netplane import cron
+    if is_terminating(cronjob):
+        return []
+    spec, have = cronjob["spec"], cronjob.get("status") or {}
+    owned = sorted((j for j in jobs if controlled_by(j, cronjob)), key=lambda j: j["metadata"].get("creationTimestamp", ""))
+    active = [j for j in owned if not _finished(j) and not is_terminating(j)]
+    actions: list[Action] = []
+    for kind, limit in (("Complete", spec.get("successfulJobsHistoryLimit", 3)), ("Failed", spec.get("failedJobsHistoryLimit", 1))):
+        done = [j for j in owned if _condition_true(j, kind)]
+        actions += [delete("Job", j) for j in done[:max(0, len(done) - limit)]]
+    last = have.get("lastScheduleTime")
+    try:
+        schedule, tz = cron.parse(spec["schedule"]), cron.zone(spec.get("timeZone"))
+    except (cron.ScheduleError, KeyError):
+        return actions   # refused by the API when written; an old object keeps its history only
+    boundary = datetime.fromtimestamp(_parse_time(last) or _parse_time(cronjob["metadata"].get("creationTimestamp"))
+                                      or now, timezone.utc).astimezone(tz)
+    at = schedule.latest(boundary, datetime.fromtimestamp(now, timezone.utc).astimezone(tz))
+    deadline = spec.get("startingDeadlineSeconds")
+    policy = spec.get("concurrencyPolicy", "Allow")
+    status = {"active": [_job_ref(j) for j in active]}
+    succeeded = [_parse_time((j.get("status") or {}).get("completionTime")) for j in owned if _condition_true(j, "Complete")]
+    if any(succeeded):
+        status["lastSuccessfulTime"] = _rfc3339(max(t for t in succeeded if t))
+    if at is not None and not spec.get("suspend") and (deadline is None or now - at.timestamp() <= deadline) \
+            and not (policy == "Forbid" and active):
+        if policy == "Replace":
+            actions += [delete("Job", j) for j in active]
+        job = job_for(cronjob, at)
+        actions.append(told(create(job), cronjob, "SuccessfulCreate", f"Created job {job['metadata']['name']}"))
+        status["lastScheduleTime"] = _rfc3339(at.timestamp())
+        if policy == "Replace":
+            status["active"] = []
+    if any((have.get(k) if k != "active" else have.get(k) or []) != v for k, v in status.items()):
+        actions.append(patch("CronJob", cronjob, {"status": status}, "status"))
+    return actions
+
+
+# --------------------------------------------------------------------------------------------
 # EndpointSlices
 
 
@@ -808,11 +873,12 @@ def _parse_time(value: str | None) -> float | None:
 
 
 def orphans(objects: dict[str, list[dict]],
-            owner_kinds=("Deployment", "ReplicaSet", "DaemonSet", "StatefulSet", "Job", "Service")) -> list[Action]:
+            owner_kinds=("Deployment", "ReplicaSet", "DaemonSet", "StatefulSet", "Job", "CronJob",
+                         "Service")) -> list[Action]:
     """Objects whose every owner reference points at an owner that no longer exists."""
     alive = {o["metadata"].get("uid") for kind in owner_kinds for o in objects.get(kind, [])}
     actions = []
-    for kind in ("ReplicaSet", "Pod", "EndpointSlice"):
+    for kind in ("ReplicaSet", "Pod", "EndpointSlice", "Job"):
         for obj in objects.get(kind, []):
             refs = [r for r in obj["metadata"].get("ownerReferences") or [] if r.get("kind") in owner_kinds]
             if refs and not any(r.get("uid") in alive for r in refs):
@@ -852,6 +918,8 @@ def desired_actions(objects: dict[str, list[dict]], settings: Settings, now: flo
     for job in objects.get("Job", []):
         if job["metadata"].get("uid") not in unsettled:
             actions += reconcile_job(job, objects["Pod"], now)
+    for cronjob in objects.get("CronJob", []):
+        actions += reconcile_cronjob(cronjob, objects.get("Job", []), now)
     actions += reconcile_endpoint_slices(objects["Service"], objects["Pod"], objects["EndpointSlice"])
     actions += reconcile_endpoints(objects["Service"], objects["Pod"], objects.get("Endpoints", []))
     actions += reconcile_mirrored_slices(objects["Service"], objects.get("Endpoints", []), objects["EndpointSlice"])
@@ -886,7 +954,7 @@ class Expectations:
         return False
 
 
-KINDS = ("Deployment", "ReplicaSet", "DaemonSet", "StatefulSet", "Job", "Pod", "Service", "EndpointSlice", "Endpoints", "Node",
+KINDS = ("Deployment", "ReplicaSet", "DaemonSet", "StatefulSet", "Job", "CronJob", "Pod", "Service", "EndpointSlice", "Endpoints", "Node",
          "Namespace", "ServiceAccount")
 
 

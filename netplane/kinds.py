@@ -60,6 +60,7 @@ KINDS: tuple[Kind, ...] = (
     Kind("DaemonSet", "apps", "v1", "daemonsets", True, ("ds",)),
     Kind("StatefulSet", "apps", "v1", "statefulsets", True, ("sts",)),
     Kind("Job", "batch", "v1", "jobs", True, ()),
+    Kind("CronJob", "batch", "v1", "cronjobs", True, ("cj",)),
     Kind("Ingress", "networking.k8s.io", "v1", "ingresses", True, ("ing",)),
     Kind("IngressClass", "networking.k8s.io", "v1", "ingressclasses", False, ()),
 )

@@ -606,6 +606,15 @@ COLUMNS: dict[str, list[Column]] = {
         ("CONTAINERS", lambda o, n: _join(c.get("name") for c in _template_containers(o)), True),
         ("IMAGES", lambda o, n: _join(c.get("image") for c in _template_containers(o)), True),
     ],
+    "CronJob": [
+        ("SCHEDULE", lambda o, n: (o.get("spec") or {}).get("schedule", ""), False),
+        ("TIMEZONE", lambda o, n: (o.get("spec") or {}).get("timeZone") or "<none>", False),
+        ("SUSPEND", lambda o, n: str(bool((o.get("spec") or {}).get("suspend"))), False),
+        ("ACTIVE", lambda o, n: str(len(_status(o, "active", default=[]))), False),
+        ("LAST SCHEDULE", lambda o, n: _since(_status(o, "lastScheduleTime", default=""), n)
+         if _status(o, "lastScheduleTime", default="") else "<none>", False),
+        ("AGE", _age, False),
+    ],
     "Job": [
         ("STATUS", lambda o, n: _job_status(o), False),
         ("COMPLETIONS", lambda o, n: _job_completions(o), False),

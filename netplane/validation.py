@@ -172,6 +172,16 @@ def job_selector_defaulted(obj: dict, uid: str) -> dict:
     return obj
 
 
+def _default_cronjob(spec: dict) -> None:
+    spec.setdefault("concurrencyPolicy", "Allow")
+    spec.setdefault("suspend", False)
+    spec.setdefault("successfulJobsHistoryLimit", 3)
+    spec.setdefault("failedJobsHistoryLimit", 1)
+    template = spec.get("jobTemplate")
+    if isinstance(template, dict) and isinstance(template.get("spec"), dict):
+        _default_job(template["spec"])
+
+
 def _default_statefulset(spec: dict) -> None:
     spec.setdefault("replicas", 1)
     spec.setdefault("podManagementPolicy", "OrderedReady")
@@ -202,6 +212,7 @@ _DEFAULTERS: dict[str, Callable[[dict], None]] = {
     "DaemonSet": _default_daemonset,
     "Job": _default_job,
     "StatefulSet": _default_statefulset,
+    "CronJob": _default_cronjob,
 }
 
 
@@ -510,6 +521,39 @@ def _validate_job(obj: dict, errors: list) -> None:
         errors.append(("spec.completionMode", unsupported(spec.get("completionMode"), ("NonIndexed",))))
 
 
+CONCURRENCY_POLICIES = ("Allow", "Forbid", "Replace")
+
+
+def _validate_cronjob(obj: dict, errors: list) -> None:
+    """A CronJob: a schedule that parses, a known time zone, and a Job template a Job would accept."""
+    from netplane import cron
+    spec = _spec(obj, errors)
+    if spec is None:
+        return
+    schedule = spec.get("schedule")
+    if not isinstance(schedule, str) or not schedule.strip():
+        errors.append(("spec.schedule", required()))
+    else:
+        try:
+            cron.parse(schedule)
+        except cron.ScheduleError as err:
+            errors.append(("spec.schedule", invalid(schedule, str(err))))
+    try:
+        cron.zone(spec.get("timeZone"))
+    except cron.ScheduleError as err:
+        errors.append(("spec.timeZone", invalid(spec.get("timeZone"), str(err))))
+    if spec.get("concurrencyPolicy", "Allow") not in CONCURRENCY_POLICIES:
+        errors.append(("spec.concurrencyPolicy", unsupported(spec.get("concurrencyPolicy"), CONCURRENCY_POLICIES)))
+    template = spec.get("jobTemplate")
+    if not isinstance(template, dict) or not isinstance(template.get("spec"), dict):
+        errors.append(("spec.jobTemplate.spec", required()))
+        return
+    job = job_selector_defaulted({"kind": "Job", "metadata": {"name": "x"}, "spec": template["spec"]}, "validation")
+    job_errors: list = []
+    _validate_job(job, job_errors)
+    errors += [(f"spec.jobTemplate.{path}", message) for path, message in job_errors]
+
+
 def _validate_workload(obj: dict, errors: list, restart_policies: tuple = ("Always",)) -> None:
     """Deployment, ReplicaSet, DaemonSet (and a Job, with its own restart policies): a selector that
     matches the template's labels, replicas >= 0."""
@@ -729,6 +773,7 @@ _VALIDATORS: dict[str, Callable[[dict, list], None]] = {
     "DaemonSet": _validate_workload,
     "StatefulSet": _validate_workload,
     "Job": _validate_job,
+    "CronJob": _validate_cronjob,
     "Ingress": _validate_ingress,
     "EndpointSlice": _validate_endpointslice,
     "Endpoints": _validate_endpoints,
