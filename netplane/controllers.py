@@ -577,7 +577,8 @@ def reconcile_cronjob(cronjob: dict, jobs: list[dict], now: float) -> list[Actio
         status["lastScheduleTime"] = _rfc3339(at.timestamp())
         if policy == "Replace":
             status["active"] = []
-    if any((have.get(k) if k != "active" else have.get(k) or []) != v for k, v in status.items()):
+    current = {"active": [], **have}
+    if any(current.get(k) != v for k, v in status.items()):
         actions.append(patch("CronJob", cronjob, {"status": status}, "status"))
     return actions
 
