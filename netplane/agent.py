@@ -867,7 +867,10 @@ class Agent:
         while True:
             groups = {(uid, name): process.pid for uid, worker in self.workers.items()
                       for name, process in worker.processes.items() if process.popen.returncode is None}
-            await asyncio.to_thread(self.sampler.sample, groups)
+            try:
+                await asyncio.to_thread(self.sampler.sample, groups)
+            except Exception as err:   # a bug here must not stop the agent: top just shows nothing new
+                log_fields(log, logging.WARNING, "resource sampling failed", error=repr(err))
             await asyncio.sleep(podmetrics.SAMPLE_SECONDS)
 
     def resource_report(self) -> dict:
