@@ -556,6 +556,8 @@ class PodWorker:
         """Start the container's process, probe it while it runs; its exit code. With `terminal` (stdin
         and tty in its spec) it runs on a pseudo-terminal that `kubectl attach` reaches."""
         log_path = str(self.dir / f"{record.name}.log")
+        if record.has_run:   # a restart: the run before is what `kubectl logs --previous` shows
+            podlogs.start_new_run(log_path)
         process = await runtime.start_process(runtime.process_argv(self.ref.netns, self.ref.hostname, argv),
                                               env, log_path, terminal=terminal)
         self.processes[record.name] = process
@@ -804,10 +806,17 @@ class Agent:
             raise podexec.ExecError(400, f'pod "{name}" is not running: its network is not set up')
         return worker
 
-    def log_file(self, namespace: str, name: str, container: str) -> tuple[str, ContainerRecord]:
-        """The log file of a container of a pod on this node, and its record."""
+    def log_file(self, namespace: str, name: str, container: str,
+                 previous: bool = False) -> tuple[str, ContainerRecord]:
+        """The log file of a container of a pod on this node (its run before the current one, with
+        `previous`), and its record."""
         worker, record = self._started_container(namespace, name, container)
-        return str(worker.dir / f"{container}.log"), record
+        path = str(worker.dir / f"{container}.log")
+        if previous:
+            path = podlogs.previous_path(path)
+            if not os.path.exists(path):
+                raise podlogs.LogError(400, f'previous terminated container "{container}" in pod "{name}" not found')
+        return path, record
 
     def attach_target(self, namespace: str, name: str, container: str):
         """(worker, its process, its terminal or None) for `kubectl attach` to a running container."""
@@ -1090,7 +1099,7 @@ def add_pod_routes(app, agent_or_none) -> None:
             if agent is None:
                 raise podlogs.LogError(503, "the agent is starting")
             query = podlogs.LogQuery.parse(request.query)
-            path, record = agent.log_file(info["namespace"], info["pod"], info["container"])
+            path, record = agent.log_file(info["namespace"], info["pod"], info["container"], query.previous)
         except podlogs.LogError as err:
             return web.Response(status=err.status, text=err.message)
         first, offset = podlogs.read_log(path, query)

@@ -1,15 +1,15 @@
 """`kubectl logs`: a container's output, from the node agent that runs it, through the API server.
 
-The agent keeps each container's stdout and stderr in one file (every run appended, rotated at
-LOG_MAX_BYTES); it serves them as the kubelet does, at `GET /containerLogs/{namespace}/{pod}/{container}`
+The agent keeps each container's stdout and stderr in a file per run: the current one (rotated at
+LOG_MAX_BYTES) and the one before (`previous_path`: a restarted container's last run, what
+`kubectl logs --previous` shows after a crash); it serves them as the kubelet does, at `GET /containerLogs/{namespace}/{pod}/{container}`
 on its health port, which it publishes in its Node's `status.daemonEndpoints.kubeletEndpoint.Port`.
 The API server answers `GET .../pods/{name}/log` by finding the pod's node and passing that request
 on (pods/log). Like the kubelet's old read-only port, the agent's endpoint asks for no credentials:
 anyone who reaches a node's address can read its pods' logs (a lab's trust model).
 
-Query parameters, as Kubernetes has them: container, tailLines, limitBytes, follow. (`previous` is
-refused: every run of a container goes to the same file, so there is no separate previous log;
-timestamps and sinceSeconds are not kept.)
+Query parameters, as Kubernetes has them: container, tailLines, limitBytes, follow, previous.
+(timestamps and sinceSeconds are not kept.)
 """
 from __future__ import annotations
 
@@ -41,14 +41,14 @@ class LogQuery:
     tail_lines: int | None = None
     limit_bytes: int | None = None
     follow: bool = False
+    previous: bool = False
 
     @classmethod
     def parse(cls, query) -> "LogQuery":
         """From request query parameters (a mapping of strings); LogError(400) names what is wrong."""
-        if query.get("previous", "false").lower() in ("true", "1"):
-            raise LogError(400, "previous logs are not kept: every run of a container is in one log")
+        flag = lambda name: query.get(name, "false").lower() in ("true", "1")
         return cls(tail_lines=_count(query, "tailLines"), limit_bytes=_count(query, "limitBytes", minimum=1),
-                   follow=query.get("follow", "false").lower() in ("true", "1"))
+                   follow=flag("follow") and not flag("previous"), previous=flag("previous"))
 
     def as_query(self) -> dict[str, str]:
         out = {}
@@ -58,6 +58,8 @@ class LogQuery:
             out["limitBytes"] = str(self.limit_bytes)
         if self.follow:
             out["follow"] = "true"
+        if self.previous:
+            out["previous"] = "true"
         return out
 
 
@@ -143,6 +145,24 @@ def _last_lines(f, size: int, lines: int) -> bytes:
         f.seek(start)
         data = f.read(step) + data
     return tail(data, lines)
+
+
+def previous_path(path: str) -> str:
+    """Where a container's last run's log goes when it starts again."""
+    return path[:-len(".log")] + ".previous.log" if path.endswith(".log") else path + ".previous"
+
+
+def start_new_run(path: str) -> None:
+    """A container starts again: its log so far becomes the previous run's (the older rotated part,
+    of runs before that, goes), and the new run writes a fresh file."""
+    try:
+        os.replace(path, previous_path(path))
+    except FileNotFoundError:
+        return
+    try:
+        os.unlink(path + ".1")
+    except FileNotFoundError:
+        pass
 
 
 def rotate_if_large(path: str, max_bytes: int | None = None) -> bool:

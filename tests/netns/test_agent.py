@@ -219,7 +219,7 @@ def test_agent_reports_image_errors_crashes_and_restarts(cluster):
     c.create_pod("nginx", [{"name": "web", "image": "nginx:1.25"}])
     c.create_pod("once", [{"name": "job", "image": "busybox", "command": ["sh", "-c", "echo hi from $(POD_NAME); exit 3"]}],
                  restartPolicy="Never")
-    c.create_pod("crasher", [{"name": "crash", "image": "busybox", "command": ["sh", "-c", "exit 1"]}])
+    c.create_pod("crasher", [{"name": "crash", "image": "busybox", "command": ["sh", "-c", "echo crashing; exit 1"]}])
     c.create_pod("dnsnone", [{"name": "job", "image": "busybox", "command": ["cat", "/etc/resolv.conf"]}],
                  restartPolicy="Never", dnsPolicy="None",
                  dnsConfig={"nameservers": ["10.96.0.10"], "searches": ["corp.example"],
@@ -256,6 +256,9 @@ def test_agent_reports_image_errors_crashes_and_restarts(cluster):
     crasher = wait_for(lambda: backing_off(p := c.pod("crasher")) and p, what="crasher restarted and backing off")
     assert crasher["status"]["phase"] == "Running" and not ready(crasher)
     assert crasher["status"]["containerStatuses"][0]["lastState"]["terminated"]["exitCode"] == 1
+    crash_dir = c.state / "pods" / f"default_crasher_{crasher['metadata']['uid']}"
+    assert (crash_dir / "crash.previous.log").read_text() == "crashing\n"   # kubectl logs --previous
+    assert (crash_dir / "crash.log").read_text() == "crashing\n"            # this run's only, not every run's
 
     unhealthy = wait_for(lambda: (p := c.pod("unhealthy"))["status"]["containerStatuses"][0]["restartCount"] >= 1 and p,
                          what="unhealthy restarted by its liveness probe")

@@ -43,8 +43,7 @@ def test_the_container_is_the_one_named_or_the_only_one():
 
 @pytest.mark.parametrize("query,message", [({"tailLines": "x"}, "tailLines: invalid value 'x'"),
                                            ({"tailLines": "-1"}, "must be greater than or equal to 0"),
-                                           ({"limitBytes": "0"}, "limitBytes: invalid value 0"),
-                                           ({"previous": "true"}, "previous logs are not kept")])
+                                           ({"limitBytes": "0"}, "limitBytes: invalid value 0")])
 def test_bad_queries_are_refused_naming_the_parameter(query, message):
     with pytest.raises(LogError, match=message) as err:
         LogQuery.parse(query)
@@ -166,6 +165,8 @@ def test_pods_log_goes_through_the_api_server_to_the_nodes_agent(tmp_path):
                 answers = [await fetch(f"{base}/p/log"), await fetch(f"{base}/p/log?tailLines=1&container=app"),
                            await fetch(f"{base}/two/log"), await fetch(f"{base}/unbound/log"),
                            await fetch(f"{base}/p/log?previous=true")]
+                (tmp_path / "app.previous.log").write_bytes(b"crashed\n")   # what a restart leaves (start_new_run)
+                answers.append(await fetch(f"{base}/p/log?previous=true"))
                 await runner.cleanup()   # the agent stops answering
                 answers.append(await fetch(f"{base}/p/log"))
                 return answers
@@ -178,8 +179,21 @@ def test_pods_log_goes_through_the_api_server_to_the_nodes_agent(tmp_path):
     assert answers[1] == (200, b"serving\n")
     assert answers[2][0] == 400 and b"a container name must be specified for pod two, choose one of: [a b]" in answers[2][1]
     assert answers[3][0] == 400 and b"pod unbound does not have a host assigned" in answers[3][1]
-    assert answers[4][0] == 400 and b"previous logs are not kept" in answers[4][1]
-    assert answers[5][0] == 500 and b"/containerLogs/default/p/app" in answers[5][1]   # the agent is gone
+    assert answers[4][0] == 400 and b'previous terminated container \\"app\\" in pod \\"p\\" not found' in answers[4][1]
+    assert answers[5] == (200, b"crashed\n")
+    assert answers[6][0] == 500 and b"/containerLogs/default/p/app" in answers[6][1]   # the agent is gone
+
+
+def test_a_restart_keeps_the_run_before_as_the_previous_log(tmp_path):
+    log = tmp_path / "app.log"
+    log.write_bytes(b"run 1\n")
+    (tmp_path / "app.log.1").write_bytes(b"older\n")
+    podlogs.start_new_run(str(log))
+    assert not log.exists() and not (tmp_path / "app.log.1").exists()
+    assert (tmp_path / "app.previous.log").read_bytes() == b"run 1\n"
+    podlogs.start_new_run(str(log))   # nothing written since: the previous run's log stays
+    assert (tmp_path / "app.previous.log").read_bytes() == b"run 1\n"
+    assert LogQuery.parse({"previous": "true", "follow": "true"}) == LogQuery(previous=True)   # nothing to follow
 
 
 # ------------------------------------------------------------------------------ rotation
