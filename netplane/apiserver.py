@@ -995,6 +995,7 @@ _REVIEWS = {(k.group, k.version, k.plural): k for k in REVIEW_KINDS}
 METRICS_KINDS = (Kind("NodeMetrics", "metrics.k8s.io", "v1beta1", "nodes", False),
                  Kind("PodMetrics", "metrics.k8s.io", "v1beta1", "pods", True))
 METRICS_GROUP = "metrics.k8s.io"
+UNSTORED_KINDS = (*REVIEW_KINDS, *METRICS_KINDS)   # in discovery, answered per request, never in the store
 ALLOWED_REASON = "netplane's API server allows every request (no authentication, AlwaysAllow authorization)"
 
 
@@ -1027,7 +1028,7 @@ def _verbs(kind: Kind) -> list[str]:
 
 def group_versions() -> dict[tuple[str, str], list[Kind]]:
     grouped: dict[tuple[str, str], list[Kind]] = {}
-    for kind in (*KINDS, *REVIEW_KINDS, *METRICS_KINDS):
+    for kind in (*KINDS, *UNSTORED_KINDS):
         grouped.setdefault((kind.group, kind.version), []).append(kind)
     return grouped
 
@@ -1129,7 +1130,7 @@ def openapi_document(group: str, version: str) -> dict | None:
     if members is None:
         return None
     paths = {}
-    for kind in (k for k in members if k not in REVIEW_KINDS and k not in METRICS_KINDS):
+    for kind in (k for k in members if k not in UNSTORED_KINDS):
         ns = "/namespaces/{namespace}" if kind.namespaced else ""
         paths[f"{kind.prefix}{ns}/{kind.plural}/{{name}}"] = {"patch": {
             "x-kubernetes-group-version-kind": {"group": kind.group, "version": kind.version, "kind": kind.kind},

@@ -643,40 +643,48 @@ def _dns_hostname(pod: dict, service: dict) -> str | None:
 
 
 def _slice(service: dict, ports: tuple, pods: list[dict]) -> dict:
+    endpoints = []
+    for pod in pods:
+        ready, hostname = pod_is_ready(pod), _dns_hostname(pod, service)
+        endpoints.append({"addresses": [pod["status"]["podIP"]],
+                          "conditions": {"ready": ready, "serving": ready, "terminating": False},
+                          **({"hostname": hostname} if hostname else {}),
+                          "nodeName": pod["spec"].get("nodeName"),
+                          "targetRef": {"kind": "Pod", "namespace": pod["metadata"]["namespace"],
+                                        "name": pod["metadata"]["name"], "uid": pod["metadata"].get("uid")}})
+    return endpoint_slice(service, [list(ports)], SLICE_MANAGER, "IPv4", endpoints,
+                          [{"name": name, "port": port, "protocol": proto} for name, port, proto in ports])
+
+
+def endpoint_slice(service: dict, identity: list, manager: str, family: str, endpoints: list, ports: list) -> dict:
+    """An EndpointSlice of `service`, named by its uid and `identity`, owned by it and by `manager`."""
     meta = service["metadata"]
-    ready = [pod_is_ready(p) for p in pods]
     return {
         "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-        "metadata": {"name": f"{meta['name']}-{short_hash([meta.get('uid'), list(ports)], 5)}",
+        "metadata": {"name": f"{meta['name']}-{short_hash([meta.get('uid'), *identity], 5)}",
                      "namespace": meta["namespace"],
-                     "labels": {SERVICE_NAME_LABEL: meta["name"], MANAGED_BY: SLICE_MANAGER},
+                     "labels": {SERVICE_NAME_LABEL: meta["name"], MANAGED_BY: manager},
                      "ownerReferences": [owner_reference(service)]},
-        "addressType": "IPv4",
-        "endpoints": [
-            {"addresses": [p["status"]["podIP"]],
-             "conditions": {"ready": r, "serving": r, "terminating": False},
-             **({"hostname": _dns_hostname(p, service)} if _dns_hostname(p, service) else {}),
-             "nodeName": p["spec"].get("nodeName"),
-             "targetRef": {"kind": "Pod", "namespace": p["metadata"]["namespace"],
-                           "name": p["metadata"]["name"], "uid": p["metadata"].get("uid")}}
-            for p, r in zip(pods, ready)],
-        "ports": [{"name": name, "port": port, "protocol": proto} for name, port, proto in ports],
+        "addressType": family, "endpoints": endpoints, "ports": ports,
     }
 
 
 def reconcile_endpoint_slices(services: list[dict], pods: list[dict], slices: list[dict]) -> list[Action]:
-    ours = {key_of(s): s for s in slices if labels_of(s).get(MANAGED_BY) == SLICE_MANAGER}
+    wanted = [want for service in services for want in endpoint_slices_for(service, pods)]
+    return _reconcile_slices(wanted, slices, SLICE_MANAGER)
+
+
+def _reconcile_slices(wanted: list[dict], slices: list[dict], manager: str) -> list[Action]:
+    """Create, patch or delete the EndpointSlices `manager` owns so they are `wanted`."""
+    ours = {key_of(s): s for s in slices if labels_of(s).get(MANAGED_BY) == manager}
     actions: list[Action] = []
-    wanted_keys = set()
-    for service in services:
-        for want in endpoint_slices_for(service, pods):
-            wanted_keys.add(key_of(want))
-            have = ours.get(key_of(want))
-            if have is None:
-                actions.append(create(want))
-            elif any(have.get(f) != want[f] for f in ("endpoints", "ports", "addressType")):
-                actions.append(patch("EndpointSlice", have, {"endpoints": want["endpoints"],
-                                                             "ports": want["ports"]}))
+    for want in wanted:
+        have = ours.get(key_of(want))
+        if have is None:
+            actions.append(create(want))
+        elif any(have.get(f) != want[f] for f in ("endpoints", "ports", "addressType")):
+            actions.append(patch("EndpointSlice", have, {"endpoints": want["endpoints"], "ports": want["ports"]}))
+    wanted_keys = {key_of(w) for w in wanted}
     actions += [delete("EndpointSlice", s) for k, s in sorted(ours.items()) if k not in wanted_keys]
     return actions
 
@@ -775,35 +783,16 @@ def mirrored_slices(services: list[dict], endpoints: list[dict]) -> list[dict]:
 
 
 def _mirrored_slice(service: dict, ports: list, entries: list, family: str, index: int) -> dict:
-    meta = service["metadata"]
-    return {
-        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-        "metadata": {"name": f"{meta['name']}-{short_hash([meta.get('uid'), index, family], 5)}",
-                     "namespace": meta["namespace"],
-                     "labels": {SERVICE_NAME_LABEL: meta["name"], MANAGED_BY: MIRROR_MANAGER},
-                     "ownerReferences": [owner_reference(service)]},
-        "addressType": family,
-        "endpoints": [{"addresses": [a["ip"]], "conditions": {"ready": r, "serving": r, "terminating": False},
-                       **({"nodeName": a["nodeName"]} if a.get("nodeName") else {}),
-                       **({"targetRef": a["targetRef"]} if a.get("targetRef") else {})} for a, r in entries],
-        "ports": [{"name": p.get("name", ""), "port": p.get("port"), "protocol": p.get("protocol", "TCP")}
-                  for p in ports],
-    }
+    endpoints = [{"addresses": [a["ip"]], "conditions": {"ready": r, "serving": r, "terminating": False},
+                  **({"nodeName": a["nodeName"]} if a.get("nodeName") else {}),
+                  **({"targetRef": a["targetRef"]} if a.get("targetRef") else {})} for a, r in entries]
+    return endpoint_slice(service, [index, family], MIRROR_MANAGER, family, endpoints,
+                          [{"name": p.get("name", ""), "port": p.get("port"), "protocol": p.get("protocol", "TCP")}
+                           for p in ports])
 
 
 def reconcile_mirrored_slices(services: list[dict], endpoints: list[dict], slices: list[dict]) -> list[Action]:
-    ours = {key_of(s): s for s in slices if labels_of(s).get(MANAGED_BY) == MIRROR_MANAGER}
-    actions: list[Action] = []
-    wanted = set()
-    for want in mirrored_slices(services, endpoints):
-        wanted.add(key_of(want))
-        have = ours.get(key_of(want))
-        if have is None:
-            actions.append(create(want))
-        elif any(have.get(f) != want[f] for f in ("endpoints", "ports")):
-            actions.append(patch("EndpointSlice", have, {"endpoints": want["endpoints"], "ports": want["ports"]}))
-    actions += [delete("EndpointSlice", s) for k, s in sorted(ours.items()) if k not in wanted]
-    return actions
+    return _reconcile_slices(mirrored_slices(services, endpoints), slices, MIRROR_MANAGER)
 
 
 # --------------------------------------------------------------------------------------------

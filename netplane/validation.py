@@ -127,25 +127,25 @@ def _default_deployment(spec: dict) -> None:
     spec.setdefault("replicas", 1)
     spec.setdefault("revisionHistoryLimit", 10)
     spec.setdefault("progressDeadlineSeconds", 600)
-    strategy = spec.setdefault("strategy", {})
+    _default_strategy(spec, "strategy", {"maxSurge": "25%", "maxUnavailable": "25%"})
+    _default_template(spec)
+
+
+def _default_strategy(spec: dict, field: str, rolling: dict) -> None:
+    """spec.<field>: RollingUpdate unless said otherwise, with the kind's rollingUpdate defaults."""
+    strategy = spec.setdefault(field, {})
     if isinstance(strategy, dict):
         strategy.setdefault("type", "RollingUpdate")
         if strategy["type"] == "RollingUpdate":
-            rolling = strategy.setdefault("rollingUpdate", {})
-            if isinstance(rolling, dict):
-                rolling.setdefault("maxSurge", "25%")
-                rolling.setdefault("maxUnavailable", "25%")
-    _default_template(spec)
+            given = strategy.setdefault("rollingUpdate", {})
+            if isinstance(given, dict):
+                for key, value in rolling.items():
+                    given.setdefault(key, value)
 
 
 def _default_daemonset(spec: dict) -> None:
     spec.setdefault("revisionHistoryLimit", 10)
-    strategy = spec.setdefault("updateStrategy", {})
-    if isinstance(strategy, dict):
-        strategy.setdefault("type", "RollingUpdate")
-        if strategy["type"] == "RollingUpdate" and isinstance(strategy.setdefault("rollingUpdate", {}), dict):
-            strategy["rollingUpdate"].setdefault("maxUnavailable", 1)
-            strategy["rollingUpdate"].setdefault("maxSurge", 0)
+    _default_strategy(spec, "updateStrategy", {"maxUnavailable": 1, "maxSurge": 0})
     _default_template(spec)
 
 
@@ -186,11 +186,7 @@ def _default_statefulset(spec: dict) -> None:
     spec.setdefault("replicas", 1)
     spec.setdefault("podManagementPolicy", "OrderedReady")
     spec.setdefault("revisionHistoryLimit", 10)
-    strategy = spec.setdefault("updateStrategy", {})
-    if isinstance(strategy, dict):
-        strategy.setdefault("type", "RollingUpdate")
-        if strategy["type"] == "RollingUpdate" and isinstance(strategy.setdefault("rollingUpdate", {}), dict):
-            strategy["rollingUpdate"].setdefault("partition", 0)
+    _default_strategy(spec, "updateStrategy", {"partition": 0})
     _default_template(spec)
 
 

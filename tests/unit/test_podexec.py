@@ -13,10 +13,9 @@ import pytest
 from multidict import MultiDict
 
 from netplane import podexec, runtime
-from netplane.client import Client
 from netplane.podexec import ExecError, ExecRequest
 from tests.unit.test_apiserver import RunningAPIServer
-from tests.unit.test_podlogs import fake_agent, node_with_agent, pod, serve_agent
+from tests.unit.test_podlogs import agent_on_api, fake_agent, pod
 
 
 def test_requests_name_their_command_and_streams():
@@ -98,10 +97,8 @@ def test_exec_runs_through_the_api_server_on_the_pods_agent(tmp_path, monkeypatc
     agent, worker = exec_ready_agent(tmp_path, monkeypatch)
 
     async def scenario(url: str):
-        runner, port = await serve_agent(agent)
+        runner = await agent_on_api(url, agent, pod())
         try:
-            async with Client(url) as client:
-                await node_with_agent(client, port, pod())
             exec_url = f"{url}/api/v1/namespaces/default/pods/p/exec"
             results = {
                 "streams": await exec_over(exec_url, ["sh", "-c", "echo out; echo err >&2; exit 3"]),
@@ -165,10 +162,8 @@ def test_attach_reaches_a_containers_terminal_or_its_output(tmp_path, monkeypatc
     log_path = str(tmp_path / "app.log")
 
     async def scenario(url: str):
-        runner, port = await serve_agent(agent)
+        runner = await agent_on_api(url, agent, pod())
         try:
-            async with Client(url) as client:
-                await node_with_agent(client, port, pod())
             attach_url = f"{url}/api/v1/namespaces/default/pods/p/attach"
             # a container with stdin and tty: its terminal, both ways
             process = await runtime.start_process(["sh", "-c", 'read line; stty size; echo "got:$line"; exit 2'],

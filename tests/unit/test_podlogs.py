@@ -101,6 +101,19 @@ async def serve_agent(agent) -> tuple[web.AppRunner, int]:
     return runner, port
 
 
+async def agent_on_api(url: str, agent, *pods: dict) -> web.AppRunner:
+    """The agent's endpoints on loopback, and its Node (and `pods`) in the API server at `url`, as a
+    real agent publishes itself; the caller cleans the runner up."""
+    runner, port = await serve_agent(agent)
+    try:
+        async with Client(url) as client:
+            await node_with_agent(client, port, *pods)
+    except BaseException:
+        await runner.cleanup()
+        raise
+    return runner
+
+
 async def fetch(url: str) -> tuple[int, bytes]:
     async with aiohttp.ClientSession() as session, session.get(url) as response:
         return response.status, await response.read()
@@ -157,19 +170,17 @@ def test_pods_log_goes_through_the_api_server_to_the_nodes_agent(tmp_path):
     agent = fake_agent(tmp_path)
 
     async def scenario(url: str):
-        runner, port = await serve_agent(agent)
+        runner = await agent_on_api(url, agent, pod(), pod("two", ("a", "b")), pod("unbound", node=""))
         try:
-            async with Client(url) as client:
-                await node_with_agent(client, port, pod(), pod("two", ("a", "b")), pod("unbound", node=""))
-                base = f"{url}/api/v1/namespaces/default/pods"
-                answers = [await fetch(f"{base}/p/log"), await fetch(f"{base}/p/log?tailLines=1&container=app"),
-                           await fetch(f"{base}/two/log"), await fetch(f"{base}/unbound/log"),
-                           await fetch(f"{base}/p/log?previous=true")]
-                (tmp_path / "app.previous.log").write_bytes(b"crashed\n")   # what a restart leaves (start_new_run)
-                answers.append(await fetch(f"{base}/p/log?previous=true"))
-                await runner.cleanup()   # the agent stops answering
-                answers.append(await fetch(f"{base}/p/log"))
-                return answers
+            base = f"{url}/api/v1/namespaces/default/pods"
+            answers = [await fetch(f"{base}/p/log"), await fetch(f"{base}/p/log?tailLines=1&container=app"),
+                       await fetch(f"{base}/two/log"), await fetch(f"{base}/unbound/log"),
+                       await fetch(f"{base}/p/log?previous=true")]
+            (tmp_path / "app.previous.log").write_bytes(b"crashed\n")   # what a restart leaves (start_new_run)
+            answers.append(await fetch(f"{base}/p/log?previous=true"))
+            await runner.cleanup()   # the agent stops answering
+            answers.append(await fetch(f"{base}/p/log"))
+            return answers
         finally:
             await runner.cleanup()
 

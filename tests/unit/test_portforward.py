@@ -18,7 +18,7 @@ from netplane.client import Client
 from netplane.portforward import FLAG_FIN, GOAWAY, PING, RST_STREAM, SYN_REPLY, Framer, ProtocolError, Session
 from tests.unit.test_apiserver import RunningAPIServer
 from tests.unit.test_podexec import on_uvloop
-from tests.unit.test_podlogs import fake_agent, free_port, node_with_agent, pod, serve_agent
+from tests.unit.test_podlogs import agent_on_api, fake_agent, free_port, node_with_agent, pod, serve_agent
 
 
 def kubectl_streams(framer: Framer, request: str, port: str, first: int = 1) -> bytes:
@@ -242,10 +242,8 @@ def test_port_forward_goes_through_the_api_server_to_the_pods_agent(tmp_path):
 
     async def scenario(url: str):
         server, echo_port = await echo_server()
-        runner, port = await serve_agent(agent)
+        runner = await agent_on_api(url, agent, pod(), pod("unbound", node=""))
         try:
-            async with Client(url) as client:
-                await node_with_agent(client, port, pod(), pod("unbound", node=""))
             base = f"{url}/api/v1/namespaces/default/pods"
             results = {"forwarded": await spdy_over_websocket(f"{base}/p/portforward", echo_port, b"through"),
                        "refused": await spdy_over_websocket(f"{base}/p/portforward", free_port(), b"")}
